@@ -1,0 +1,49 @@
+// Index arithmetic of bilinear upsampling by an integer factor, shared by the
+// CPU and CUDA kernels so that both compute exactly what
+// F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False) does.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <cstdint>
+
+namespace addrmem {
+
+// Output coordinate `dst` of an axis upsampled by `s` from `in_size` samples
+// reads samples i0 and i1 with weights (1 - l1) and l1. Same formula and
+// rounding as ATen's area_pixel_compute_source_index with scale = 1/s.
+template <typename acc_t>
+C10_HOST_DEVICE inline void source_index(int64_t dst, int64_t in_size, int64_t s,
+                                         int64_t& i0, int64_t& i1, acc_t& l1) {
+  const acc_t scale = static_cast<acc_t>(1.0 / static_cast<double>(s));
+  acc_t src = scale * (static_cast<acc_t>(dst) + static_cast<acc_t>(0.5)) - static_cast<acc_t>(0.5);
+  if (src < static_cast<acc_t>(0)) src = static_cast<acc_t>(0);
+  i0 = static_cast<int64_t>(src);
+  if (i0 > in_size - 1) i0 = in_size - 1;
+  i1 = i0 + (i0 < in_size - 1 ? 1 : 0);
+  l1 = src - static_cast<acc_t>(i0);
+}
+
+// Weight with which output coordinate `dst` reads input sample `i`: the adjoint
+// of source_index, so forward and backward are exact transposes.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t adjoint_weight(int64_t dst, int64_t i, int64_t in_size, int64_t s) {
+  int64_t i0, i1;
+  acc_t l1;
+  source_index<acc_t>(dst, in_size, s, i0, i1, l1);
+  acc_t w = static_cast<acc_t>(0);
+  if (i0 == i) w += static_cast<acc_t>(1) - l1;
+  if (i1 == i) w += l1;
+  return w;
+}
+
+// Output coordinates that can read input sample i lie in [first, last).
+C10_HOST_DEVICE inline int64_t adjoint_first(int64_t i, int64_t s) {
+  const int64_t f = s * (i - 1);
+  return f < 0 ? 0 : f;
+}
+C10_HOST_DEVICE inline int64_t adjoint_last(int64_t i, int64_t s, int64_t out_size) {
+  const int64_t l = s * (i + 2);
+  return l > out_size ? out_size : l;
+}
+
+}  // namespace addrmem
