@@ -132,9 +132,9 @@ def synthesize(
         if check_index:
             _check_index_range(index, addresses.shape[0])
     if bases.dim() == 2:
-        flat = torch.ops.addrmem.synthesize(addresses, bases[:, None, None, :], index, 1)
+        flat = _Synthesize.apply(addresses, bases[:, None, None, :], index, 1)
         return flat.view(flat.shape[0], bases.shape[1])
-    return torch.ops.addrmem.synthesize(addresses, bases, index, scale)
+    return _Synthesize.apply(addresses, bases, index, scale)
 
 
 def synthesize_reference(
@@ -179,15 +179,8 @@ def _setup_context(ctx, inputs, output):
 
 def _synthesize_backward(ctx, grad):
     addresses, bases, index = ctx.saved_tensors
-    grad_addresses, grad_bases = torch.ops.addrmem.synthesize_backward(
-        grad, addresses, bases, index, ctx.scale
-    )
+    grad_addresses, grad_bases = _SynthesizeBackward.apply(grad, addresses, bases, index, ctx.scale)
     return grad_addresses, grad_bases, None, None
-
-
-torch.library.register_autograd(
-    "addrmem::synthesize", _synthesize_backward, setup_context=_setup_context
-)
 
 
 def _setup_context_backward(ctx, inputs, output):
@@ -201,18 +194,43 @@ def _synthesize_double_backward(ctx, cot_addresses, cot_bases):
     # (grad, addresses) -> grad_bases, so its derivatives are the op and its
     # backward again with the cotangents in place of one argument.
     grad, addresses, bases, index = ctx.saved_tensors
-    op, op_bwd, s = torch.ops.addrmem.synthesize, torch.ops.addrmem.synthesize_backward, ctx.scale
+    s = ctx.scale
     d_grad = d_addresses = d_bases = None
     if cot_addresses is not None:
-        d_grad = op(cot_addresses, bases, index, s)
-        d_bases = op_bwd(grad, cot_addresses, bases, index, s)[1]
+        d_grad = _Synthesize.apply(cot_addresses, bases, index, s)
+        d_bases = _SynthesizeBackward.apply(grad, cot_addresses, bases, index, s)[1]
     if cot_bases is not None:
-        term = op(addresses, cot_bases, index, s)
+        term = _Synthesize.apply(addresses, cot_bases, index, s)
         d_grad = term if d_grad is None else d_grad + term
-        d_addresses = op_bwd(grad, addresses, cot_bases, index, s)[0]
+        d_addresses = _SynthesizeBackward.apply(grad, addresses, cot_bases, index, s)[0]
     return d_grad, d_addresses, d_bases, None, None
 
 
+# The ops' autograd formulas, registered with torch.library (used when the ops
+# are called directly, and checked by opcheck) and wrapped as autograd.Functions
+# (used by synthesize): torch.func transforms accept only the latter, since the
+# class that register_autograd generates lacks setup_context
+# (pytorch/pytorch#168393). Forward passes detach their inputs so that only the
+# Function records the graph.
+torch.library.register_autograd("addrmem::synthesize", _synthesize_backward, setup_context=_setup_context)
 torch.library.register_autograd(
     "addrmem::synthesize_backward", _synthesize_double_backward, setup_context=_setup_context_backward
 )
+
+
+class _Synthesize(torch.autograd.Function):
+    @staticmethod
+    def forward(addresses, bases, index, scale):
+        return torch.ops.addrmem.synthesize(addresses.detach(), bases.detach(), index, scale)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_synthesize_backward)
+
+
+class _SynthesizeBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(grad, addresses, bases, index, scale):
+        return torch.ops.addrmem.synthesize_backward(grad.detach(), addresses.detach(), bases.detach(), index, scale)
+
+    setup_context = staticmethod(_setup_context_backward)
+    backward = staticmethod(_synthesize_double_backward)

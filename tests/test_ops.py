@@ -1,0 +1,283 @@
+"""addrmem.synthesize against a float64 plain-PyTorch reference, on the CPU and
+(when there is one) on the GPU: values, both gradients, double backward,
+opcheck, torch.compile, torch.func, and every kind of bad input."""
+
+import pytest
+import torch
+
+import addrmem
+from addrmem import synthesize, synthesize_reference
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+# (R, K, C, h, w, scale, index): odd sizes, K=1, h != w, scales 1-3,
+# no index / a random index / an index with repeated rows.
+CASES = [
+    (7, 1, 3, 5, 4, 1, None),
+    (13, 5, 2, 3, 7, 2, "random"),
+    (9, 4, 1, 6, 5, 3, "repeat"),
+    (37, 16, 3, 8, 8, 2, "random"),
+    (23, 3, 3, 4, 9, 2, None),
+    (5, 7, 2, 1, 11, 3, "repeat"),
+    (19, 70, 1, 2, 2, 1, "random"),  # K above one base tile of the CUDA backward
+]
+
+
+def make(case, dtype=torch.float64, device="cpu", seed=0):
+    R, K, C, h, w, scale, kind = case
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(R, K, generator=g, dtype=torch.float64)
+    B = torch.randn(K, C, h, w, generator=g, dtype=torch.float64)
+    if kind is None:
+        index = None
+    elif kind == "random":
+        index = torch.randint(0, R, (2 * R + 3,), generator=g)
+    else:
+        index = torch.tensor([0, R - 1, 0, 1, 0, R - 1, 2 % R] * 3)
+    A, B = A.to(device, dtype), B.to(device, dtype)
+    index = None if index is None else index.to(device)
+    return A, B, index, scale
+
+
+def reference(A, B, index, scale, grad):
+    """float64 CPU values and gradients."""
+    A64 = A.detach().cpu().double().requires_grad_()
+    B64 = B.detach().cpu().double().requires_grad_()
+    out = synthesize_reference(A64, B64, None if index is None else index.cpu(), scale)
+    gA, gB = torch.autograd.grad(out, (A64, B64), grad.detach().cpu().double())
+    return out.detach(), gA, gB
+
+
+def values_and_grads(A, B, index, scale, grad=None):
+    A = A.detach().requires_grad_()
+    B = B.detach().requires_grad_()
+    out = synthesize(A, B, index, scale)
+    if grad is None:
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        grad = grad.to(out.device, out.dtype)
+    gA, gB = torch.autograd.grad(out, (A, B), grad)
+    return out.detach(), gA, gB, grad
+
+
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def assert_close(got, want, dtype):
+    tol = TOL[dtype]
+    scale = want.abs().max().item() + 1.0
+    err = (got.detach().cpu().double() - want).abs().max().item()
+    assert err <= tol * scale, f"max error {err:.3g} > {tol * scale:.3g}"
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_matches_reference_cpu(case, dtype):
+    A, B, index, scale = make(case, dtype)
+    out, gA, gB, grad = values_and_grads(A, B, index, scale)
+    assert out.dtype == dtype and out.shape == (
+        (A.shape[0] if index is None else index.shape[0]),
+        B.shape[1],
+        B.shape[2] * scale,
+        B.shape[3] * scale,
+    )
+    ref, rA, rB = reference(A, B, index, scale, grad)
+    assert_close(out, ref, dtype)
+    assert_close(gA, rA, dtype)
+    assert_close(gB, rB, dtype)
+
+
+def test_unselected_rows_get_zero_gradient():
+    A, B, _, scale = make(CASES[1])
+    index = torch.tensor([2, 2, 5])
+    _, gA, _, _ = values_and_grads(A, B, index, scale)
+    untouched = [r for r in range(A.shape[0]) if r not in (2, 5)]
+    assert torch.all(gA[untouched] == 0)
+    assert torch.all(gA[[2, 5]].abs().sum(1) > 0)
+
+
+SMALL = [(5, 1, 2, 3, 2, 1, None), (6, 3, 1, 3, 4, 2, "random"), (4, 2, 2, 2, 3, 3, "repeat")]
+
+
+@pytest.mark.parametrize("case", SMALL)
+def test_gradcheck(case):
+    A, B, index, scale = make(case)
+    A.requires_grad_()
+    B.requires_grad_()
+    fn = lambda a, b: synthesize(a, b, index, scale)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (A, B))
+    assert torch.autograd.gradgradcheck(fn, (A, B))
+
+
+@pytest.mark.parametrize("case", SMALL)
+def test_opcheck(case):
+    A, B, index, scale = make(case)
+    A.requires_grad_()
+    B.requires_grad_()
+    torch.library.opcheck(torch.ops.addrmem.synthesize.default, (A, B, index, scale))
+    grad = torch.randn(synthesize(A, B, index, scale).shape, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.addrmem.synthesize_backward.default, (grad, A.detach(), B.detach(), index, scale))
+
+
+def test_two_dimensional_bases():
+    A, B, index, _ = make((11, 4, 1, 1, 30, 1, "random"))
+    B2 = B.reshape(4, 30)
+    out = synthesize(A, B2, index)
+    assert out.shape == (index.shape[0], 30)
+    assert torch.allclose(out, (A[index] @ B2), atol=1e-12)
+
+
+def test_non_contiguous_inputs():
+    A, B, index, scale = make(CASES[3])
+    A_nc = A.t().contiguous().t()  # same values, column-major
+    B_nc = B.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    idx_nc = torch.stack([index, index], 1)[:, 0]
+    assert not (A_nc.is_contiguous() or B_nc.is_contiguous() or idx_nc.is_contiguous())
+    got, gA, gB, grad = values_and_grads(A_nc, B_nc, idx_nc, scale)
+    ref, rA, rB = reference(A, B, index, scale, grad)
+    assert_close(got, ref, torch.float64)
+    assert_close(gA, rA, torch.float64)
+    assert_close(gB, rB, torch.float64)
+
+
+def test_empty_index_gives_empty_result():
+    A, B, _, scale = make(CASES[1])
+    A.requires_grad_()
+    out = synthesize(A, B, torch.zeros(0, dtype=torch.long), scale)
+    assert out.shape == (0, B.shape[1], B.shape[2] * scale, B.shape[3] * scale)
+    (gA,) = torch.autograd.grad(out.sum(), A)
+    assert torch.all(gA == 0)
+
+
+def test_int32_index_is_accepted():
+    A, B, index, scale = make(CASES[1])
+    assert torch.equal(synthesize(A, B, index.int(), scale), synthesize(A, B, index, scale))
+
+
+def test_backward_is_deterministic():
+    A, B, index, scale = make(CASES[3], torch.float32)
+    first = values_and_grads(A, B, index, scale)
+    second = values_and_grads(A, B, index, scale, first[3])
+    for x, y in zip(first[1:3], second[1:3]):
+        assert torch.equal(x, y)
+
+
+def test_torch_func_grad_and_compile():
+    A, B, index, scale = make(CASES[1], torch.float32)
+
+    def loss(a, b):
+        return synthesize(a, b, index, scale, check_index=False).square().mean()
+
+    gA, gB = torch.func.grad(loss, argnums=(0, 1))(A, B)
+    rA, rB = torch.func.grad(lambda a, b: synthesize_reference(a, b, index, scale).square().mean(), argnums=(0, 1))(
+        A, B
+    )
+    assert torch.allclose(gA, rA, atol=1e-5) and torch.allclose(gB, rB, atol=1e-5)
+
+    compiled = torch.compile(lambda a, b: torch.relu(synthesize(a, b, index, scale, check_index=False)) * 2,
+                             fullgraph=True)
+    want = torch.relu(synthesize_reference(A, B, index, scale)) * 2
+    assert torch.allclose(compiled(A, B), want, atol=1e-5)
+
+
+def test_build_info():
+    info = addrmem.build_info()
+    assert set(info) >= {"cuda", "cuda_archs", "cuda_version", "torch_built", "torch_runtime"}
+    assert info["torch_built"] == info["torch_runtime"]
+    assert info["cuda"] == bool(info["cuda_archs"])
+
+
+# --- bad input -------------------------------------------------------------------------
+
+A0 = torch.randn(5, 3)
+B0 = torch.randn(3, 2, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, words",
+    [
+        ((torch.randn(5), B0), {}, ValueError, "addresses must be 2-D"),
+        ((A0, torch.randn(3, 2, 4)), {}, ValueError, "bases must be 4-D"),
+        ((A0, torch.randn(4, 2, 4, 4)), {}, ValueError, "K mismatch"),
+        ((A0.long(), B0.long()), {}, TypeError, "floating"),
+        ((A0, B0.double()), {}, TypeError, "share a dtype"),
+        ((A0, B0), {"index": torch.tensor([0.0, 1.0])}, TypeError, "integer tensor"),
+        ((A0, B0), {"index": [0, 1]}, TypeError, "integer tensor"),
+        ((A0, B0), {"index": torch.tensor([[0, 1]])}, ValueError, "1-D"),
+        ((A0, B0), {"index": torch.tensor([0, 5])}, IndexError, "out of range"),
+        ((A0, B0), {"index": torch.tensor([0, -1])}, IndexError, "negative"),
+        ((A0, B0), {"scale": 0}, ValueError, "scale must be >= 1"),
+        ((A0, B0), {"scale": 2.0}, TypeError, "scale must be an int"),
+        ((A0, B0.reshape(3, 32)), {"scale": 2}, ValueError, "2-D bases"),
+        ((torch.randn(5, 0), torch.randn(0, 2, 4, 4)), {}, ValueError, "empty"),
+        ((A0, torch.randn(3, 2, 0, 4)), {}, ValueError, "empty image dimension"),
+    ],
+)
+def test_bad_input(args, kwargs, error, words):
+    with pytest.raises(error, match=words):
+        synthesize(*args, **kwargs)
+
+
+@needs_cuda
+def test_mixed_devices_rejected():
+    with pytest.raises(ValueError, match="different devices"):
+        synthesize(A0.cuda(), B0)
+    with pytest.raises(ValueError, match="index is on"):
+        synthesize(A0.cuda(), B0.cuda(), torch.tensor([0]))
+
+
+# --- CUDA ------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_matches_reference_cuda(case, dtype):
+    A, B, index, scale = make(case, dtype, "cuda", seed=3)
+    out, gA, gB, grad = values_and_grads(A, B, index, scale)
+    assert out.device.type == "cuda" and out.dtype == dtype
+    ref, rA, rB = reference(A, B, index, scale, grad)
+    assert_close(out, ref, dtype)
+    assert_close(gA, rA, dtype)
+    assert_close(gB, rB, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", SMALL)
+def test_gradcheck_cuda(case):
+    A, B, index, scale = make(case, device="cuda")
+    A.requires_grad_()
+    B.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: synthesize(a, b, index, scale), (A, B))
+    torch.library.opcheck(torch.ops.addrmem.synthesize.default, (A, B, index, scale))
+
+
+@needs_cuda
+def test_every_output_element_is_written():
+    A, B, index, scale = make((301, 16, 3, 16, 16, 2, "random"), torch.float32, "cuda")
+    n = index.shape[0]
+    for _ in range(2):  # let the caching allocator hand out a NaN-filled block
+        poison = torch.full((n, 3, 32, 32), float("nan"), device="cuda")
+        del poison
+        out = synthesize(A, B, index, scale)
+        assert not torch.isnan(out).any()
+
+
+@needs_cuda
+def test_large_n_cuda():
+    A, B, index, scale = make((1150, 64, 3, 32, 32, 2, "random"), torch.float32, "cuda")
+    index = torch.randint(0, 1150, (8193,), device="cuda")
+    out, gA, gB, grad = values_and_grads(A, B, index, scale)
+    ref, rA, rB = reference(A, B, index, scale, grad)
+    assert_close(out, ref, torch.float32)
+    assert_close(gA, rA, torch.float32)
+    assert_close(gB, rB, torch.float32)
+
+
+@needs_cuda
+def test_backward_is_deterministic_cuda():
+    A, B, index, scale = make((1150, 16, 3, 16, 16, 2, "repeat"), torch.float32, "cuda")
+    first = values_and_grads(A, B, index, scale)
+    second = values_and_grads(A, B, index, scale, first[3])
+    for x, y in zip(first[1:3], second[1:3]):
+        assert torch.equal(x, y)
