@@ -15,7 +15,6 @@
 #include <vector>
 
 #include "synthesize.h"
-#include "upsample.h"
 
 namespace addrmem {
 namespace {

@@ -6,17 +6,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
-namespace addrmem {
+#include "geometry.h"
 
-struct Geometry {
-  int64_t N;  // rows synthesized
-  int64_t R;  // rows of addresses
-  int64_t K;  // bases
-  int64_t C, h, w;  // base image (low resolution)
-  int64_t s;        // upsampling factor
-  int64_t H, W;     // output image
-  int64_t D;        // C * h * w
-};
+namespace addrmem {
 
 inline Geometry make_geometry(const at::Tensor& addresses, const at::Tensor& bases,
                               const c10::optional<at::Tensor>& index, int64_t scale) {

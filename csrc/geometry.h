@@ -1,12 +1,23 @@
-// Index arithmetic of bilinear upsampling by an integer factor, shared by the
-// CPU and CUDA kernels so that both compute exactly what
+// The op's sizes and the index arithmetic of bilinear upsampling by an integer
+// factor, shared by the CPU and CUDA kernels so that both compute exactly what
 // F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False) does.
+// Free of ATen so that the CUDA kernels can also be compiled as host code.
 #pragma once
 
 #include <c10/macros/Macros.h>
 #include <cstdint>
 
 namespace addrmem {
+
+struct Geometry {
+  int64_t N;  // rows synthesized
+  int64_t R;  // rows of addresses
+  int64_t K;  // bases
+  int64_t C, h, w;  // base image (low resolution)
+  int64_t s;        // upsampling factor
+  int64_t H, W;     // output image
+  int64_t D;        // C * h * w
+};
 
 // Output coordinate `dst` of an axis upsampled by `s` from `in_size` samples
 // reads samples i0 and i1 with weights (1 - l1) and l1. Same formula and
