@@ -4,8 +4,26 @@ A few shared bases plus learned addressing coefficients (Deng & Russakovsky,
 "Remember the Past", NeurIPS 2022), with fused CPU and CUDA kernels.
 """
 
+from .augment import SiameseAugment, augment_per_image
+from .hypergradient import hypergradient
+from .memory import AddressableMemory, ImageMemory, load_memory
+from .networks import MLP, NETWORKS, ConvNet, make_network
 from .ops import build_info, synthesize, synthesize_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "synthesize", "synthesize_reference"]
+__all__ = [
+    "AddressableMemory",
+    "ConvNet",
+    "ImageMemory",
+    "MLP",
+    "NETWORKS",
+    "SiameseAugment",
+    "augment_per_image",
+    "build_info",
+    "hypergradient",
+    "load_memory",
+    "make_network",
+    "synthesize",
+    "synthesize_reference",
+]

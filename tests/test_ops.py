@@ -281,3 +281,17 @@ def test_backward_is_deterministic_cuda():
     second = values_and_grads(A, B, index, scale, first[3])
     for x, y in zip(first[1:3], second[1:3]):
         assert torch.equal(x, y)
+
+
+def test_cpu_result_does_not_depend_on_thread_count():
+    A, B, index, scale = make(CASES[3], torch.float32)
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(values_and_grads(A, B, index, scale, results[0][3] if results else None))
+    finally:
+        torch.set_num_threads(previous)
+    for x, y in zip(results[0][:3], results[1][:3]):
+        assert torch.equal(x, y)

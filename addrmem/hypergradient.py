@@ -1,0 +1,124 @@
+"""The exact hypergradient of one outer iteration (METHOD.md §3.1-3.2).
+
+Forward: T steps of SGD with momentum (PyTorch semantics: v <- mu*v + g with
+v_0 = 0, w <- w - lr*v; no weight decay, no dampening, no Nesterov) from the
+network's weights, on mean cross-entropy of recalled minibatches; then the
+outer loss on the real batch. Backward: the reverse recurrence of §3.2, which
+recomputes each step's loss at its stored weights (one double backward per
+step, through the memory's synthesis) instead of keeping T step graphs.
+
+Memory: T+1 flat weight snapshots on the weights' device (T * |w| floats),
+plus one step's graph at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+__all__ = ["hypergradient"]
+
+
+class _FlatNet:
+    """Evaluates ``net`` statelessly at a flat weight vector (|w|,)."""
+
+    def __init__(self, net):
+        if any(True for _ in net.buffers()):
+            names = [name for name, _ in net.named_buffers()]
+            raise ValueError(
+                f"the network has buffers ({', '.join(names)}); the inner loop needs a network whose state "
+                f"is only its parameters (use GroupNorm/instance norm, not BatchNorm)"
+            )
+        params = dict(net.named_parameters())
+        if not params:
+            raise ValueError("the network has no parameters")
+        first = next(iter(params.values()))
+        for name, p in params.items():
+            if p.dtype != first.dtype or p.device != first.device:
+                raise ValueError(f"network parameter {name} is {p.dtype} on {p.device}, unlike the others "
+                                 f"({first.dtype} on {first.device})")
+        self.net = net
+        self.names = list(params)
+        self.shapes = [p.shape for p in params.values()]
+        self.sizes = [p.numel() for p in params.values()]
+        self.initial = torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+    def loss(self, flat, images, labels):
+        """Mean cross-entropy of the net at weights ``flat`` on (images, labels)."""
+        weights = {name: t.view(shape) for name, t, shape in
+                   zip(self.names, flat.split(self.sizes), self.shapes)}
+        return F.cross_entropy(functional_call(self.net, weights, (images,)), labels)
+
+
+def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentum, augment=None):
+    """Outer loss and its exact gradient w.r.t. the memory's parameters.
+
+    Args:
+        memory: an ``AddressableMemory`` or ``ImageMemory`` (its parameters
+            must require grad); ``.grad`` is not touched.
+        net: freshly initialised network holding parameters only (no buffers),
+            same dtype and device as the memory; its weights are theta_0 and
+            are left unchanged.
+        batches: sequence of T >= 1 int64 (N_t,) row indices into the memory,
+            one per inner step (repeats allowed); checked once, up front.
+        real_images: (N, C, H, W) real batch; real_labels: (N,) int64.
+        lr, momentum: the inner SGD's learning rate and momentum.
+        augment: optional differentiable callable (N, C, H, W) -> same,
+            applied identically to every synthetic batch and the real batch
+            (e.g. ``SiameseAugment.draw(generator)``).
+
+    Returns:
+        (loss, grads): the outer loss (0-dim tensor, detached) and a dict from
+        each name of ``memory.named_parameters()`` to d loss / d parameter
+        (same shape; the sum of all T steps' contributions).
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty: the inner loop needs at least one step")
+    flatnet = _FlatNet(net)
+    mem_names, mem_params = zip(*memory.named_parameters())
+    frozen = [name for name, p in zip(mem_names, mem_params) if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"memory parameters {frozen} do not require grad")
+    w = flatnet.initial
+    if w.dtype != mem_params[0].dtype or w.device != mem_params[0].device:
+        raise ValueError(f"the network is {w.dtype} on {w.device} but the memory is "
+                         f"{mem_params[0].dtype} on {mem_params[0].device}")
+    memory.validate_index(torch.cat(batches))  # every batch at once: one host sync
+    augment = augment if augment is not None else (lambda images: images)
+
+    def step_loss(flat, index):
+        images, labels = memory(index, check_index=False)
+        return flatnet.loss(flat, augment(images), labels)
+
+    # Forward: snapshots w_0..w_T; the memory is not differentiated here.
+    snapshots = [w]
+    v = torch.zeros_like(w)
+    for index in batches:
+        flat = w.detach().requires_grad_()
+        with torch.no_grad():
+            images, labels = memory(index, check_index=False)
+            images = augment(images)
+        (g,) = torch.autograd.grad(flatnet.loss(flat, images, labels), flat)
+        v.mul_(momentum).add_(g)
+        w = w.add(v, alpha=-lr)
+        snapshots.append(w)
+
+    flat = snapshots.pop().requires_grad_()
+    loss = flatnet.loss(flat, augment(real_images), real_labels)
+    (dw,) = torch.autograd.grad(loss, flat)
+
+    # Reverse (§3.2): dv = dL/dv_{t+1}, dw = dL/dw_{t+1}.
+    grads = [torch.zeros_like(p) for p in mem_params]
+    dv = torch.zeros_like(dw)
+    for index in reversed(batches):
+        dv.sub_(dw, alpha=lr)
+        flat = snapshots.pop().requires_grad_()
+        (g,) = torch.autograd.grad(step_loss(flat, index), flat, create_graph=True)
+        h_w, *h_mem = torch.autograd.grad(g, (flat, *mem_params), grad_outputs=dv)
+        dw.add_(h_w)
+        for total, h in zip(grads, h_mem):
+            total.add_(h)
+        dv.mul_(momentum)
+    return loss.detach(), dict(zip(mem_names, grads))

@@ -1,0 +1,332 @@
+"""Distilled memories: what addrmem learns, stores, saves and recalls.
+
+:class:`AddressableMemory` is the paper's memory (METHOD.md §1): K shared
+bases M (stored at 1/ds resolution) and one addressing row per synthetic image,
+``addresses[c * per_class + i] = A_i[c, :]``. Every image it makes comes from
+:func:`addrmem.ops.synthesize`. :class:`ImageMemory` is the baseline without
+addressing: one free image per slot. Both share one interface:
+
+* ``memory(index)`` -> (images, labels) for rows ``index`` (differentiable);
+* ``memory.recall()`` / ``memory.recall(queries)`` -> the whole memory, or the
+  images of general label queries (no gradients);
+* ``memory.sample_index(classes, n_per_c, generator)`` -> one inner step's rows;
+* ``from_budget``, ``num_floats``, ``config``, ``save`` and :func:`load_memory`.
+
+Rows are grouped by class: rows ``[c * per_class, (c + 1) * per_class)`` hold
+class ``c``, and their labels (the ``labels`` buffer) are fixed.
+
+Index checking: ``memory(index)`` checks a caller's indices (one host
+synchronisation on CUDA). Indices from :meth:`sample_index` are valid by
+construction; pass them with ``memory(index, check_index=False)`` to skip it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+
+from .ops import synthesize
+
+__all__ = ["AddressableMemory", "ImageMemory", "load_memory"]
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1; got {value}")
+    return value
+
+
+def _image_shape(image_shape):
+    if not isinstance(image_shape, (tuple, list, torch.Size)) or len(image_shape) != 3:
+        raise ValueError(f"image_shape must be (C, H, W); got {image_shape!r}")
+    return tuple(_positive_int(f"image_shape[{i}]", s) for i, s in enumerate(image_shape))
+
+
+def _xavier_uniform(shape, fan_sum, generator):
+    """Uniform(-b, b) with b = sqrt(6 / fan_sum), drawn from ``generator``."""
+    bound = math.sqrt(6.0 / fan_sum)
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+class _Memory(nn.Module):
+    """What both memories share: labels, indexing, queries, sampling, saving.
+
+    Subclasses implement ``_images(index)`` (rows -> images, differentiable),
+    ``_mix(queries)`` (general queries -> images) and ``config()``.
+    """
+
+    def __init__(self, num_classes, image_shape, per_class):
+        super().__init__()
+        self.num_classes = _positive_int("num_classes", num_classes)
+        self.image_shape = _image_shape(image_shape)
+        self.per_class = _positive_int("per_class", per_class)
+        self.rows = num_classes * per_class
+        labels = torch.arange(num_classes).repeat_interleave(per_class)
+        # Derived from the config, so not saved: a file cannot carry other labels.
+        self.register_buffer("labels", labels, persistent=False)
+        self.extra = {}  # the extras a loaded memory was saved with (see load_memory)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the memory's tensors."""
+        return self.labels.device
+
+    def num_floats(self) -> int:
+        """Stored floats: all parameters (labels are not counted)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def validate_index(self, index: torch.Tensor) -> torch.Tensor:
+        """Check a (N,) integer row index (type, shape, device, range in [0, rows));
+        returns it as int64. Costs one host synchronisation on CUDA."""
+        if not isinstance(index, torch.Tensor):
+            raise TypeError(f"index must be an integer tensor; got {type(index).__name__}")
+        if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+            raise TypeError(f"index must be an integer tensor; got {index.dtype}")
+        if index.dim() != 1:
+            raise ValueError(f"index must be 1-D (N,); got shape {tuple(index.shape)}")
+        if index.device != self.device:
+            raise ValueError(f"index is on {index.device} but the memory is on {self.device}")
+        if index.numel():
+            lo, hi = (int(v) for v in torch.aminmax(index))
+            if lo < 0 or hi >= self.rows:
+                bad = lo if lo < 0 else hi
+                raise IndexError(f"index holds row {bad}, out of range for a memory of {self.rows} rows")
+        return index.long()
+
+    def forward(self, index: torch.Tensor | None = None, *, check_index: bool = True):
+        """Images and labels of rows ``index`` ((N,) int; all rows if None).
+
+        Returns (images (N, C, H, W), labels (N,) int64), differentiable in the
+        parameters. ``check_index=False`` skips :meth:`validate_index`; use it
+        only for indices known to be valid (from :meth:`sample_index`).
+        """
+        if index is None:
+            return self._images(None), self.labels.clone()
+        if check_index:
+            index = self.validate_index(index)
+        return self._images(index), self.labels[index]
+
+    @torch.no_grad()
+    def recall(self, queries: torch.Tensor | None = None):
+        """Recall images, without gradients (use ``memory(index)`` to train).
+
+        ``recall()`` -> (images (rows, C, H, W), labels (rows,) int64): the
+        whole memory, row order as stored.
+
+        ``recall(queries)`` with float queries (B, num_classes) -> (images
+        (B * per_class, C, H, W), soft labels (B * per_class, num_classes)):
+        x'_i(y)^T = y^T A_i M for each query y and slot i (METHOD.md §1), in
+        query-major order (row ``b * per_class + i`` is query b, slot i); each
+        image's label is its query. Linear in the queries, and one-hot queries
+        e_c give exactly ``recall()``'s images of class c.
+        """
+        if queries is None:
+            return self(None)
+        if not isinstance(queries, torch.Tensor) or not queries.dtype.is_floating_point:
+            raise TypeError("queries must be a floating tensor (B, num_classes)")
+        if queries.dim() != 2 or queries.shape[1] != self.num_classes:
+            raise ValueError(
+                f"queries must have shape (B, {self.num_classes}); got {tuple(queries.shape)}"
+            )
+        if queries.device != self.device:
+            raise ValueError(f"queries are on {queries.device} but the memory is on {self.device}")
+        queries = queries.to(next(self.parameters()).dtype)
+        return self._mix(queries), queries.repeat_interleave(self.per_class, dim=0)
+
+    def _mix_rows(self, queries, table):
+        """Per slot i, the query-weighted sum of the class rows of ``table``
+        (rows, D): (B, num_classes) -> (B * per_class, D)."""
+        table = table.reshape(self.num_classes, self.per_class, -1)
+        return torch.einsum("bc,cpd->bpd", queries, table).reshape(-1, table.shape[-1])
+
+    def sample_index(self, classes, n_per_c: int, generator: torch.Generator | None) -> torch.Tensor:
+        """One inner step's rows (METHOD.md §3.1 step 6): for each class in
+        ``classes`` (sequence or 1-D tensor of distinct class ids), ``n_per_c``
+        distinct rows of that class chosen uniformly at random.
+
+        Returns an int64 (len(classes) * n_per_c,) index on the memory's device,
+        class-major in the order of ``classes``. All randomness comes from
+        ``generator`` (drawn on its device); valid by construction, so it may
+        be passed as ``memory(index, check_index=False)``.
+        """
+        classes = torch.as_tensor(classes)
+        if classes.dim() != 1 or classes.numel() == 0 or classes.dtype.is_floating_point:
+            raise ValueError(f"classes must be a non-empty 1-D sequence of class ids; got {classes!r}")
+        classes = classes.long().cpu()
+        if int(classes.min()) < 0 or int(classes.max()) >= self.num_classes:
+            raise ValueError(f"classes must lie in [0, {self.num_classes}); got {classes.tolist()}")
+        if classes.unique().numel() != classes.numel():
+            raise ValueError(f"classes must be distinct; got {classes.tolist()}")
+        _positive_int("n_per_c", n_per_c)
+        if n_per_c > self.per_class:
+            raise ValueError(f"n_per_c={n_per_c} exceeds the {self.per_class} rows per class")
+        draw_device = generator.device if generator is not None else torch.device("cpu")
+        # The top n_per_c of per_class iid uniforms is a uniform random subset.
+        keys = torch.rand(classes.numel(), self.per_class, generator=generator,
+                          dtype=torch.float64, device=draw_device)
+        rows = keys.topk(n_per_c, dim=1).indices + classes.to(draw_device)[:, None] * self.per_class
+        return rows.reshape(-1).to(self.device)
+
+    def save(self, path, **extra) -> None:
+        """Write the memory to one file (torch.save of {"kind", "config",
+        "state_dict", "extra"}), loadable with :func:`load_memory`. ``extra``
+        values must be plain data: None, bool, int, float, str, tensors, and
+        lists, tuples and str-keyed dicts of these."""
+        for key, value in extra.items():
+            _check_plain(value, f"extra[{key!r}]")
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        torch.save({"kind": type(self).__name__, "config": self.config(), "state_dict": state,
+                    "extra": extra}, path)
+
+
+def _check_plain(value, where):
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where} has a non-str key {k!r}")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    raise TypeError(f"{where} is a {type(value).__name__}; saved extras must be plain data")
+
+
+class AddressableMemory(_Memory):
+    """K shared bases plus one addressing row per synthetic image (METHOD.md §1).
+
+    Parameters: ``bases`` (n_bases, C, H/ds, W/ds) and ``addresses``
+    (num_classes * per_class, n_bases), Xavier-uniform initialised as the
+    official code (METHOD.md §1.1) from ``generator`` (the global RNG if None).
+    Images are ``upsample_ds(addresses[row] @ bases)`` (C, H, W).
+    """
+
+    def __init__(self, num_classes: int, image_shape, n_bases: int, per_class: int,
+                 downsample: int = 1, *, generator: torch.Generator | None = None):
+        super().__init__(num_classes, image_shape, per_class)
+        self.n_bases = _positive_int("n_bases", n_bases)
+        self.downsample = _positive_int("downsample", downsample)
+        c, h, w = self.image_shape
+        if h % downsample or w % downsample:
+            raise ValueError(f"image size {h}x{w} is not divisible by downsample={downsample}")
+        low = (c, h // downsample, w // downsample)
+        d_low = math.prod(low)
+        self.bases = nn.Parameter(_xavier_uniform((n_bases, *low), n_bases + d_low, generator))
+        self.addresses = nn.Parameter(_xavier_uniform((self.rows, n_bases), self.rows + n_bases, generator))
+
+    @classmethod
+    def from_budget(cls, ipc: int, num_classes: int, image_shape, n_bases: int, downsample: int = 1,
+                    **kw) -> "AddressableMemory":
+        """The memory that fits a storage budget of ``ipc`` raw images per class
+        (METHOD.md §2, ``cal_ncoef``): per_class r = floor((ipc*C*H*W*n -
+        K*C*(H/ds)*(W/ds)) / (n*K)). Raises ValueError if r < 1, naming the
+        largest n_bases that fits. ``kw`` goes to the constructor."""
+        ipc, n, k, ds = (_positive_int(name, v) for name, v in
+                         (("ipc", ipc), ("num_classes", num_classes), ("n_bases", n_bases),
+                          ("downsample", downsample)))
+        c, h, w = _image_shape(image_shape)
+        if h % ds or w % ds:
+            raise ValueError(f"image size {h}x{w} is not divisible by downsample={ds}")
+        budget = ipc * c * h * w * n
+        d_low = c * (h // ds) * (w // ds)
+        per_class = (budget - k * d_low) // (n * k)
+        if per_class < 1:
+            k_max = budget // (d_low + n)  # largest K with budget - K*d_low >= n*K
+            fits = (f"at most n_bases={k_max} fits" if k_max >= 1
+                    else "no n_bases fits; lower downsample or raise ipc")
+            raise ValueError(
+                f"n_bases={k} bases of {d_low} floats leave no addressing row per class within a "
+                f"budget of {ipc} image(s) per class ({budget} floats): {fits}"
+            )
+        return cls(n, (c, h, w), k, per_class, ds, **kw)
+
+    def config(self) -> dict:
+        """The constructor's keyword arguments (without ``generator``)."""
+        return {"num_classes": self.num_classes, "image_shape": self.image_shape,
+                "n_bases": self.n_bases, "per_class": self.per_class, "downsample": self.downsample}
+
+    def _images(self, index):
+        return synthesize(self.addresses, self.bases, index=index, scale=self.downsample,
+                          check_index=False)
+
+    def _mix(self, queries):
+        rows = self._mix_rows(queries, self.addresses)
+        return synthesize(rows, self.bases, scale=self.downsample)
+
+
+class ImageMemory(_Memory):
+    """The baseline without addressing: one free image per slot.
+
+    Parameter ``images`` (num_classes * per_class, C, H, W), Xavier-uniform
+    initialised as the official ``imgs_embedding`` compressor (bound
+    sqrt(6 / (rows + C*H*W)), METHOD.md §1.1) from ``generator``.
+    """
+
+    def __init__(self, num_classes: int, image_shape, per_class: int, *,
+                 generator: torch.Generator | None = None):
+        super().__init__(num_classes, image_shape, per_class)
+        d = math.prod(self.image_shape)
+        self.images = nn.Parameter(_xavier_uniform((self.rows, *self.image_shape), self.rows + d, generator))
+
+    @classmethod
+    def from_budget(cls, ipc: int, num_classes: int, image_shape, **kw) -> "ImageMemory":
+        """``ipc`` images per class: the budget is spent on the images themselves."""
+        return cls(num_classes, image_shape, ipc, **kw)
+
+    def config(self) -> dict:
+        """The constructor's keyword arguments (without ``generator``)."""
+        return {"num_classes": self.num_classes, "image_shape": self.image_shape,
+                "per_class": self.per_class}
+
+    def _images(self, index):
+        return self.images.clone() if index is None else self.images[index]
+
+    def _mix(self, queries):
+        return self._mix_rows(queries, self.images).view(-1, *self.image_shape)
+
+
+_KINDS = {cls.__name__: cls for cls in (AddressableMemory, ImageMemory)}
+
+
+def load_memory(path, map_location="cpu") -> _Memory:
+    """Load a memory written by ``memory.save(path)``; returns an
+    :class:`AddressableMemory` or :class:`ImageMemory` on ``map_location``,
+    with the saved dtype, ready to recall; ``memory.extra`` is the dict of
+    extras it was saved with. Raises ValueError for a file that is not an
+    addrmem memory."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no memory file at {path!r}")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path!r} is not a readable addrmem memory file: {exc}") from exc
+    if not isinstance(blob, dict) or set(blob) != {"kind", "config", "state_dict", "extra"}:
+        raise ValueError(f"{path!r} is not an addrmem memory file (expected keys kind, config, "
+                         f"state_dict, extra)")
+    cls = _KINDS.get(blob["kind"])
+    if cls is None:
+        raise ValueError(f"{path!r} holds an unknown memory kind {blob['kind']!r}; known: {sorted(_KINDS)}")
+    state = blob["state_dict"]
+    if (not isinstance(state, dict) or not state
+            or not all(isinstance(v, torch.Tensor) and v.dtype.is_floating_point for v in state.values())):
+        raise ValueError(f"{path!r} has a malformed state_dict")
+    try:
+        memory = cls(**blob["config"], generator=torch.Generator())
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path!r} has an invalid {blob['kind']} config {blob['config']!r}: {exc}") from exc
+    first = next(iter(state.values()))
+    memory.to(device=first.device, dtype=first.dtype)
+    try:
+        memory.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{path!r}: the saved tensors do not match its config: {exc}") from exc
+    memory.extra = blob["extra"]
+    return memory

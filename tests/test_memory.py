@@ -1,0 +1,257 @@
+"""addrmem.memory: budget arithmetic (METHOD.md §2), initialisation, indexing,
+recall and general queries, row sampling, save/load."""
+
+import math
+
+import pytest
+import torch
+
+from addrmem.memory import AddressableMemory, ImageMemory, load_memory
+from addrmem.ops import synthesize_reference
+
+MNIST, CIFAR10, CIFAR100, TINY = ((1, 28, 28), 10), ((3, 32, 32), 10), ((3, 32, 32), 100), ((3, 64, 64), 200)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def small_addressable(dtype=torch.float64, seed=0):
+    return AddressableMemory(3, (2, 6, 4), n_bases=5, per_class=4, downsample=2, generator=gen(seed)).to(dtype)
+
+
+def small_image(dtype=torch.float64, seed=0):
+    return ImageMemory(3, (2, 6, 4), per_class=4, generator=gen(seed)).to(dtype)
+
+
+MEMORIES = [small_addressable, small_image]
+
+
+# --- budget (METHOD.md §2) ------------------------------------------------------------
+
+
+def test_worked_example_cifar10_ipc1_k16_ds2():
+    m = AddressableMemory.from_budget(1, 10, (3, 32, 32), 16, 2)
+    assert m.per_class == 115 and m.rows == 1150
+    assert m.bases.shape == (16, 3, 16, 16) and m.addresses.shape == (1150, 16)
+    assert m.num_floats() == 30_688 <= 30_720
+
+
+@pytest.mark.parametrize("data, ipc, k, r", [
+    (MNIST, 1, 16, 29), (MNIST, 1, 32, 4), (MNIST, 1, 64, None), (MNIST, 10, 256, 11),
+    (MNIST, 10, 512, None), (MNIST, 50, 512, 56),
+    (CIFAR10, 1, 32, 19), (CIFAR10, 1, 64, None), (CIFAR10, 10, 16, 1843), (CIFAR10, 10, 256, 43),
+    (CIFAR10, 50, 512, 223),
+    (CIFAR100, 1, 256, 4), (CIFAR100, 1, 512, None), (CIFAR100, 10, 512, 52), (CIFAR100, 50, 128, 1192),
+    (TINY, 1, 16, 752), (TINY, 1, 512, 8),
+])
+def test_budget_table(data, ipc, k, r):
+    shape, n = data
+    if r is None:
+        with pytest.raises(ValueError, match="n_bases"):
+            AddressableMemory.from_budget(ipc, n, shape, k, 2)
+        return
+    # Only the arithmetic matters here: build the memory on the meta device.
+    with torch.device("meta"):
+        m = AddressableMemory.from_budget(ipc, n, shape, k, 2)
+    assert m.per_class == r
+    assert m.num_floats() == k * math.prod(shape) // 4 + n * r * k <= ipc * math.prod(shape) * n
+
+
+def test_budget_error_names_largest_fitting_k():
+    with pytest.raises(ValueError, match="at most n_bases=39 fits"):
+        AddressableMemory.from_budget(1, 10, (3, 32, 32), 64, 2)
+    assert AddressableMemory.from_budget(1, 10, (3, 32, 32), 39, 2).per_class == 1
+    with pytest.raises(ValueError):
+        AddressableMemory.from_budget(1, 10, (3, 32, 32), 40, 2)
+
+
+def test_image_memory_budget():
+    m = ImageMemory.from_budget(10, 10, (3, 32, 32))
+    assert m.per_class == 10 and m.images.shape == (100, 3, 32, 32)
+    assert m.num_floats() == 10 * 10 * 3072
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(downsample=3), ValueError),  # 6x4 not divisible by 3
+    (dict(downsample=0), ValueError),
+    (dict(n_bases=0), ValueError),
+    (dict(per_class=True), TypeError),
+    (dict(image_shape=(6, 4)), ValueError),
+    (dict(num_classes=2.0), TypeError),
+])
+def test_constructor_validation(kwargs, error):
+    args = dict(num_classes=3, image_shape=(2, 6, 4), n_bases=5, per_class=4, downsample=2)
+    with pytest.raises(error):
+        AddressableMemory(**{**args, **kwargs})
+
+
+# --- initialisation -------------------------------------------------------------------
+
+
+def test_xavier_bounds_and_reproducibility():
+    m = AddressableMemory(10, (3, 32, 32), 16, 115, 2, generator=gen(1))
+    b_bound, a_bound = math.sqrt(6 / (16 + 768)), math.sqrt(6 / (1150 + 16))
+    assert m.bases.abs().max() <= b_bound and m.bases.abs().max() > 0.99 * b_bound
+    assert m.addresses.abs().max() <= a_bound and m.addresses.abs().max() > 0.99 * a_bound
+    again = AddressableMemory(10, (3, 32, 32), 16, 115, 2, generator=gen(1))
+    other = AddressableMemory(10, (3, 32, 32), 16, 115, 2, generator=gen(2))
+    assert torch.equal(m.bases, again.bases) and torch.equal(m.addresses, again.addresses)
+    assert not torch.equal(m.bases, other.bases)
+    im = ImageMemory(10, (3, 8, 8), 2, generator=gen(1))
+    bound = math.sqrt(6 / (20 + 192))
+    assert 0.95 * bound < im.images.abs().max() <= bound
+    assert torch.equal(im.images, ImageMemory(10, (3, 8, 8), 2, generator=gen(1)).images)
+
+
+def test_labels_fixed_and_grouped_by_class():
+    m = small_addressable()
+    assert m.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert "labels" not in m.state_dict() and [n for n, _ in m.named_parameters()] == ["bases", "addresses"]
+
+
+# --- forward and recall ---------------------------------------------------------------
+
+
+def test_forward_matches_reference_and_is_differentiable():
+    m = small_addressable()
+    index = torch.tensor([0, 11, 5, 5, 2])
+    images, labels = m(index)
+    assert images.shape == (5, 2, 6, 4) and labels.tolist() == [0, 2, 1, 1, 0]
+    torch.testing.assert_close(images, synthesize_reference(m.addresses, m.bases, index, 2))
+    images.sum().backward()
+    assert m.bases.grad is not None and m.addresses.grad[[1, 3, 4, 6]].abs().sum() == 0
+
+
+@pytest.mark.parametrize("make", MEMORIES)
+@pytest.mark.parametrize("index, error", [
+    (torch.tensor([0, 12]), IndexError),
+    (torch.tensor([-1]), IndexError),
+    (torch.tensor([0.0]), TypeError),
+    (torch.tensor([True]), TypeError),
+    (torch.tensor([[0]]), ValueError),
+    ([0, 1], TypeError),
+])
+def test_bad_index(make, index, error):
+    with pytest.raises(error):
+        make()(index)
+
+
+@pytest.mark.parametrize("make", MEMORIES)
+def test_recall_all(make):
+    m = make()
+    images, labels = m.recall()
+    assert images.shape == (12, 2, 6, 4) and not images.requires_grad
+    assert torch.equal(labels, m.labels)
+    torch.testing.assert_close(images, m(torch.arange(12))[0].detach(), rtol=1e-14, atol=1e-14)
+    images.zero_(), labels.zero_()  # the results are copies, not the memory itself
+    assert m.recall()[0].abs().sum() > 0 and m.labels.sum() > 0
+
+
+@pytest.mark.parametrize("make", MEMORIES)
+def test_one_hot_queries_give_recall_exactly(make):
+    m = make()
+    images, soft = m.recall(torch.eye(3, dtype=torch.float64))
+    assert torch.equal(images, m.recall()[0])
+    assert torch.equal(soft.argmax(1), m.labels) and soft.shape == (12, 3)
+    # One query per class, any order: query b, slot i is row b * per_class + i.
+    images, soft = m.recall(torch.eye(3, dtype=torch.float32)[[2, 0]])
+    assert torch.equal(images, m.recall()[0][[8, 9, 10, 11, 0, 1, 2, 3]])
+    assert soft.dtype == torch.float64
+
+
+@pytest.mark.parametrize("make", MEMORIES)
+def test_general_queries_are_linear(make):
+    m = make()
+    q = torch.randn(2, 3, generator=gen(5), dtype=torch.float64)
+    images, soft = m.recall(q)
+    assert images.shape == (8, 2, 6, 4)
+    assert torch.equal(soft, q.repeat_interleave(4, 0))
+    all_images = m.recall()[0].view(3, 4, 2, 6, 4)
+    expected = torch.einsum("bc,cpxyz->bpxyz", q, all_images).reshape(8, 2, 6, 4)
+    torch.testing.assert_close(images, expected, rtol=1e-12, atol=1e-12)
+    q2 = torch.randn(2, 3, generator=gen(6), dtype=torch.float64)
+    torch.testing.assert_close(m.recall(2 * q - 3 * q2)[0], 2 * images - 3 * m.recall(q2)[0],
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("queries, error", [
+    (torch.ones(2, 4), ValueError), (torch.ones(3), ValueError), (torch.ones(2, 3, dtype=torch.long), TypeError),
+])
+def test_bad_queries(queries, error):
+    with pytest.raises(error):
+        small_addressable().recall(queries)
+
+
+# --- sampling -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", MEMORIES)
+def test_sample_index(make):
+    m = make()
+    index = m.sample_index([2, 0], 3, gen(7))
+    assert index.dtype == torch.int64 and index.shape == (6,)
+    assert torch.equal(m.labels[index], torch.tensor([2, 2, 2, 0, 0, 0]))
+    assert len(set(index[:3].tolist())) == 3 and len(set(index[3:].tolist())) == 3
+    assert torch.equal(index, m.sample_index(torch.tensor([2, 0]), 3, gen(7)))
+    g = gen(8)
+    seen = torch.cat([m.sample_index([0, 1, 2], 1, g) for _ in range(200)])
+    assert seen.bincount(minlength=12).min() > 20  # every row gets drawn, roughly uniformly
+    assert sorted(m.sample_index(range(3), 4, g).tolist()) == list(range(12))
+
+
+@pytest.mark.parametrize("classes, n, error", [
+    ([0, 3], 1, ValueError), ([1, 1], 1, ValueError), ([], 1, ValueError), ([0], 5, ValueError),
+    ([0], 0, ValueError), ([0.5], 1, ValueError),
+])
+def test_bad_sample_index(classes, n, error):
+    with pytest.raises(error):
+        small_addressable().sample_index(classes, n, gen())
+
+
+# --- save / load ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", MEMORIES)
+def test_save_load_round_trip(make, tmp_path):
+    m = make()
+    path = tmp_path / "memory.pt"
+    m.save(path, dataset="toy", mean=torch.tensor([0.5, 0.25]), steps=[1, 2])
+    loaded = load_memory(path)
+    assert type(loaded) is type(m) and loaded.config() == m.config()
+    assert all(p.dtype == torch.float64 for p in loaded.parameters())
+    assert loaded.extra["dataset"] == "toy" and loaded.extra["steps"] == [1, 2]
+    assert torch.equal(loaded.extra["mean"], torch.tensor([0.5, 0.25]))
+    for a, b in zip(m.recall(), loaded.recall()):
+        assert torch.equal(a, b)
+    q = torch.rand(2, 3, dtype=torch.float64, generator=gen())
+    assert torch.equal(m.recall(q)[0], loaded.recall(q)[0])
+
+
+def test_load_rejects_bad_files(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file at all")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_memory(junk)
+    bad = tmp_path / "bad.pt"
+    torch.save({"weights": torch.zeros(3)}, bad)
+    with pytest.raises(ValueError, match="not an addrmem memory"):
+        load_memory(bad)
+    m = small_addressable()
+    blob = {"kind": "Unknown", "config": m.config(), "state_dict": m.state_dict(), "extra": {}}
+    torch.save(blob, bad)
+    with pytest.raises(ValueError, match="unknown memory kind"):
+        load_memory(bad)
+    torch.save({**blob, "kind": "AddressableMemory", "config": {**m.config(), "n_bases": 6}}, bad)
+    with pytest.raises(ValueError, match="do not match"):
+        load_memory(bad)
+    torch.save({**blob, "kind": "AddressableMemory", "config": {**m.config(), "downsample": 5}}, bad)
+    with pytest.raises(ValueError, match="invalid AddressableMemory config"):
+        load_memory(bad)
+    with pytest.raises(FileNotFoundError):
+        load_memory(tmp_path / "missing.pt")
+
+
+def test_save_rejects_non_plain_extra(tmp_path):
+    with pytest.raises(TypeError, match="plain data"):
+        small_addressable().save(tmp_path / "m.pt", net=torch.nn.Linear(2, 2))
