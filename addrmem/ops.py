@@ -131,10 +131,11 @@ def synthesize(
         index = index.long()
         if check_index:
             _check_index_range(index, addresses.shape[0])
+    op = _ops()[0]
     if bases.dim() == 2:
-        flat = _Synthesize.apply(addresses, bases[:, None, None, :], index, 1)
+        flat = op(addresses, bases[:, None, None, :], index, 1)
         return flat.view(flat.shape[0], bases.shape[1])
-    return _Synthesize.apply(addresses, bases, index, scale)
+    return op(addresses, bases, index, scale)
 
 
 def synthesize_reference(
@@ -179,7 +180,7 @@ def _setup_context(ctx, inputs, output):
 
 def _synthesize_backward(ctx, grad):
     addresses, bases, index = ctx.saved_tensors
-    grad_addresses, grad_bases = _SynthesizeBackward.apply(grad, addresses, bases, index, ctx.scale)
+    grad_addresses, grad_bases = _ops()[1](grad, addresses, bases, index, ctx.scale)
     return grad_addresses, grad_bases, None, None
 
 
@@ -195,23 +196,24 @@ def _synthesize_double_backward(ctx, cot_addresses, cot_bases):
     # backward again with the cotangents in place of one argument.
     grad, addresses, bases, index = ctx.saved_tensors
     s = ctx.scale
+    op, op_backward = _ops()
     d_grad = d_addresses = d_bases = None
     if cot_addresses is not None:
-        d_grad = _Synthesize.apply(cot_addresses, bases, index, s)
-        d_bases = _SynthesizeBackward.apply(grad, cot_addresses, bases, index, s)[1]
+        d_grad = op(cot_addresses, bases, index, s)
+        d_bases = op_backward(grad, cot_addresses, bases, index, s)[1]
     if cot_bases is not None:
-        term = _Synthesize.apply(addresses, cot_bases, index, s)
+        term = op(addresses, cot_bases, index, s)
         d_grad = term if d_grad is None else d_grad + term
-        d_addresses = _SynthesizeBackward.apply(grad, addresses, cot_bases, index, s)[0]
+        d_addresses = op_backward(grad, addresses, cot_bases, index, s)[0]
     return d_grad, d_addresses, d_bases, None, None
 
 
-# The ops' autograd formulas, registered with torch.library (used when the ops
-# are called directly, and checked by opcheck) and wrapped as autograd.Functions
-# (used by synthesize): torch.func transforms accept only the latter, since the
-# class that register_autograd generates lacks setup_context
-# (pytorch/pytorch#168393). Forward passes detach their inputs so that only the
-# Function records the graph.
+# The ops' autograd formulas, registered with torch.library, and the same
+# formulas as autograd.Functions for torch.func transforms, which reject the
+# class that register_autograd generates (it lacks setup_context:
+# pytorch/pytorch#168393). The Functions cost more per call (apply binds the
+# arguments with inspect.signature), so they are used only under a transform.
+# Their forwards detach the inputs so that only the Function records the graph.
 torch.library.register_autograd("addrmem::synthesize", _synthesize_backward, setup_context=_setup_context)
 torch.library.register_autograd(
     "addrmem::synthesize_backward", _synthesize_double_backward, setup_context=_setup_context_backward
@@ -234,3 +236,11 @@ class _SynthesizeBackward(torch.autograd.Function):
 
     setup_context = staticmethod(_setup_context_backward)
     backward = staticmethod(_synthesize_double_backward)
+
+
+def _ops():
+    """(op, its backward): the registered ops, or their autograd.Functions
+    under a torch.func transform."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return _Synthesize.apply, _SynthesizeBackward.apply
+    return torch.ops.addrmem.synthesize, torch.ops.addrmem.synthesize_backward
