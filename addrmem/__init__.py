@@ -7,18 +7,21 @@ A few shared bases plus learned addressing coefficients (Deng & Russakovsky,
 from .augment import SiameseAugment, augment_per_image
 from .hypergradient import hypergradient
 from .memory import AddressableMemory, ImageMemory, load_memory
-from .networks import MLP, NETWORKS, ConvNet, make_network
+from .networks import MLP, NETWORKS, VGG11, AlexNet, ConvNet, ResNet18, make_network
 from .ops import build_info, synthesize, synthesize_reference
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AddressableMemory",
+    "AlexNet",
     "ConvNet",
     "ImageMemory",
     "MLP",
     "NETWORKS",
+    "ResNet18",
     "SiameseAugment",
+    "VGG11",
     "augment_per_image",
     "build_info",
     "hypergradient",

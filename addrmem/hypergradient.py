@@ -9,6 +9,11 @@ step, through the memory's synthesis) instead of keeping T step graphs.
 
 Memory: T+1 flat weight snapshots on the weights' device (T * |w| floats),
 plus one step's graph at a time.
+
+Profiling: the forward loop and the reverse loop run inside
+``torch.profiler.record_function`` ranges named ``addrmem.inner_forward`` and
+``addrmem.reverse`` (``benchmarks/outer_step.py`` reads them); the outer loss
+and the argument checks lie outside both.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.profiler import record_function
 
 __all__ = ["hypergradient"]
 
@@ -93,32 +99,34 @@ def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentu
         return flatnet.loss(flat, augment(images), labels)
 
     # Forward: snapshots w_0..w_T; the memory is not differentiated here.
-    snapshots = [w]
-    v = torch.zeros_like(w)
-    for index in batches:
-        flat = w.detach().requires_grad_()
-        with torch.no_grad():
-            images, labels = memory(index, check_index=False)
-            images = augment(images)
-        (g,) = torch.autograd.grad(flatnet.loss(flat, images, labels), flat)
-        v.mul_(momentum).add_(g)
-        w = w.add(v, alpha=-lr)
-        snapshots.append(w)
+    with record_function("addrmem.inner_forward"):
+        snapshots = [w]
+        v = torch.zeros_like(w)
+        for index in batches:
+            flat = w.detach().requires_grad_()
+            with torch.no_grad():
+                images, labels = memory(index, check_index=False)
+                images = augment(images)
+            (g,) = torch.autograd.grad(flatnet.loss(flat, images, labels), flat)
+            v.mul_(momentum).add_(g)
+            w = w.add(v, alpha=-lr)
+            snapshots.append(w)
 
     flat = snapshots.pop().requires_grad_()
     loss = flatnet.loss(flat, augment(real_images), real_labels)
     (dw,) = torch.autograd.grad(loss, flat)
 
     # Reverse (§3.2): dv = dL/dv_{t+1}, dw = dL/dw_{t+1}.
-    grads = [torch.zeros_like(p) for p in mem_params]
-    dv = torch.zeros_like(dw)
-    for index in reversed(batches):
-        dv.sub_(dw, alpha=lr)
-        flat = snapshots.pop().requires_grad_()
-        (g,) = torch.autograd.grad(step_loss(flat, index), flat, create_graph=True)
-        h_w, *h_mem = torch.autograd.grad(g, (flat, *mem_params), grad_outputs=dv)
-        dw.add_(h_w)
-        for total, h in zip(grads, h_mem):
-            total.add_(h)
-        dv.mul_(momentum)
+    with record_function("addrmem.reverse"):
+        grads = [torch.zeros_like(p) for p in mem_params]
+        dv = torch.zeros_like(dw)
+        for index in reversed(batches):
+            dv.sub_(dw, alpha=lr)
+            flat = snapshots.pop().requires_grad_()
+            (g,) = torch.autograd.grad(step_loss(flat, index), flat, create_graph=True)
+            h_w, *h_mem = torch.autograd.grad(g, (flat, *mem_params), grad_outputs=dv)
+            dw.add_(h_w)
+            for total, h in zip(grads, h_mem):
+                total.add_(h)
+            dv.mul_(momentum)
     return loss.detach(), dict(zip(mem_names, grads))

@@ -1,10 +1,22 @@
-"""Networks trained on recalled images (METHOD.md §4), and a registry by name.
+"""Networks trained on recalled images (METHOD.md §4, §12.6), and a registry by name.
 
 Every network takes (N, C, H, W) images and returns plain logits
 (N, num_classes). They hold parameters only (no buffers), so that the inner
-loop can run them statelessly (:mod:`addrmem.hypergradient`). To add one, write
-a builder ``(image_shape, num_classes) -> nn.Module`` and add it to
-``NETWORKS``.
+loop can run them statelessly (:mod:`addrmem.hypergradient`); the
+cross-architecture nets (:class:`AlexNet`, :class:`VGG11`, :class:`ResNet18`)
+are therefore the instance-norm versions of DC/DSA/MTT/RTP, GroupNorm(c, c,
+affine) in place of BatchNorm. To add one, write a builder
+``(image_shape, num_classes) -> nn.Module`` and add it to ``NETWORKS``.
+
+Input sizes: the cross-architecture nets are built for 28x28 and 32x32 images
+with 1 or 3 channels. AlexNet and VGG11 pad a 28x28 input by two more pixels
+per side in their first convolution, so that its map is 32x32 (DC/MTT do this
+for 1-channel input, i.e. MNIST; here it depends on the size only, so that a
+3-channel 28x28 input fits VGG11's five poolings). Other sizes work while every
+map stays large enough; a smaller input raises ValueError naming the layer that
+does not fit (a 2x2 pooling needs a map of >= 2 px per side, and instance norm
+needs >= 2 px, since on a single pixel it outputs its bias whatever the input).
+Smallest square inputs: AlexNet 8x8, VGG11 32x32, ResNet18 9x9.
 """
 
 from __future__ import annotations
@@ -14,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["ConvNet", "MLP", "NETWORKS", "make_network"]
+__all__ = ["AlexNet", "ConvNet", "MLP", "NETWORKS", "ResNet18", "VGG11", "make_network"]
 
 
 def _positive_int(name, value, minimum=1):
@@ -113,9 +125,184 @@ class MLP(nn.Module):
         return self.layers(x.flatten(1))
 
 
+class _FeatureMap:
+    """The (H, W) of a network's feature map while its layers are built.
+
+    Each method makes one layer and updates the size; a layer that does not fit
+    raises ValueError naming the network, the input size and the layer.
+    """
+
+    def __init__(self, net: str, image_size):
+        self.net = net
+        self.input = _size(image_size)
+        self.h, self.w = self.input
+
+    def _misfit(self, why):
+        raise ValueError(f"{self.net} cannot take {self.input[0]}x{self.input[1]} images: {why}")
+
+    def conv(self, in_channels, out_channels, kernel, *, stride=1, padding=None, bias=True) -> nn.Conv2d:
+        """Conv2d(kernel, stride, padding; default padding kernel // 2)."""
+        padding = kernel // 2 if padding is None else padding
+        self.h, self.w = ((s + 2 * padding - kernel) // stride + 1 for s in (self.h, self.w))
+        return nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=bias)
+
+    def norm(self, channels) -> nn.GroupNorm:
+        """Instance norm, GroupNorm(channels, channels, affine), of the current map."""
+        if self.h * self.w < 2:
+            self._misfit(f"an instance-norm layer would see a {self.h}x{self.w} map, where it outputs its "
+                         f"bias whatever the input")
+        return nn.GroupNorm(channels, channels, affine=True)
+
+    def pool(self, kind) -> nn.Module:
+        """A 2x2, stride-2 pooling layer ``kind`` (nn.AvgPool2d or nn.MaxPool2d)."""
+        if min(self.h, self.w) < 2:
+            self._misfit(f"a 2x2 pooling layer would get a {self.h}x{self.w} map")
+        self.h, self.w = self.h // 2, self.w // 2
+        return kind(2, 2)
+
+    def conv_norm_relu(self, in_channels, out_channels, kernel, padding=None) -> list:
+        """[Conv2d, GroupNorm, ReLU]."""
+        return [self.conv(in_channels, out_channels, kernel, padding=padding), self.norm(out_channels), nn.ReLU()]
+
+    def first_padding(self, kernel) -> int:
+        """Padding of a first, size-preserving convolution: kernel // 2, plus 2
+        for a 28x28 input so that its map is 32x32."""
+        return kernel // 2 + (2 if self.input == (28, 28) else 0)
+
+
+class AlexNet(nn.Module):
+    """AlexNet of DC/MTT in RTP's instance-norm version (METHOD.md §4).
+
+    Conv5x5(128) -> pool -> Conv5x5(192) -> pool -> Conv3x3(256) ->
+    Conv3x3(192) -> Conv3x3(192) -> pool, each convolution followed by
+    GroupNorm(c, c, affine) and ReLU, the pools AvgPool 2x2 (as RTP; DC's
+    normless AlexNet max-pools), then Linear(192 * h * w, num_classes):
+    192 * 4 * 4 for 28x28 and 32x32 input. The first convolution pads by 2,
+    or 4 for a 28x28 input. Fits inputs from 8x8 up.
+
+    Input (N, in_channels, H, W) -> logits (N, num_classes).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size):
+        super().__init__()
+        _positive_int("in_channels", in_channels)
+        _positive_int("num_classes", num_classes)
+        fmap = _FeatureMap("AlexNet", image_size)
+        self.features = nn.Sequential(
+            *fmap.conv_norm_relu(in_channels, 128, 5, padding=fmap.first_padding(5)), fmap.pool(nn.AvgPool2d),
+            *fmap.conv_norm_relu(128, 192, 5), fmap.pool(nn.AvgPool2d),
+            *fmap.conv_norm_relu(192, 256, 3),
+            *fmap.conv_norm_relu(256, 192, 3),
+            *fmap.conv_norm_relu(192, 192, 3), fmap.pool(nn.AvgPool2d),
+        )
+        self.classifier = nn.Linear(192 * fmap.h * fmap.w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, num_classes)."""
+        return self.classifier(self.features(x).flatten(1))
+
+
+class VGG11(nn.Module):
+    """VGG11 of DC/MTT with instance norm (their ``VGG11``).
+
+    The standard configuration 64, M, 128, M, 256, 256, M, 512, 512, M, 512,
+    512, M: each number a Conv3x3 -> GroupNorm(c, c, affine) -> ReLU, each M a
+    MaxPool 2x2; then Linear(512 * h * w, num_classes): 512 for 28x28 and
+    32x32 input (a 1x1 map). The first convolution pads by 1, or 3 for a 28x28
+    input. Fits inputs from 32x32 up (28x28 through the padding).
+
+    Input (N, in_channels, H, W) -> logits (N, num_classes).
+    """
+
+    CONFIG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+    def __init__(self, in_channels: int, num_classes: int, image_size):
+        super().__init__()
+        _positive_int("in_channels", in_channels)
+        _positive_int("num_classes", num_classes)
+        fmap = _FeatureMap("VGG11", image_size)
+        layers = []
+        channels = in_channels
+        for item in self.CONFIG:
+            if item == "M":
+                layers.append(fmap.pool(nn.MaxPool2d))
+            else:
+                padding = fmap.first_padding(3) if not layers else 1
+                layers += fmap.conv_norm_relu(channels, item, 3, padding=padding)
+                channels = item
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels * fmap.h * fmap.w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, num_classes)."""
+        return self.classifier(self.features(x).flatten(1))
+
+
+class _BasicBlock(nn.Module):
+    """ResNet's basic block with instance norm: (N, in_channels, H, W) ->
+    (N, out_channels, ceil(H / stride), ceil(W / stride)).
+
+    relu(norm(conv3x3(relu(norm(conv3x3_stride(x))))) + shortcut(x)), where the
+    shortcut is the identity, or conv1x1_stride -> norm when the shape changes.
+    Convolutions have no bias (a norm follows each).
+    """
+
+    def __init__(self, fmap: _FeatureMap, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = fmap.conv(in_channels, out_channels, 3, stride=stride, bias=False)
+        self.norm1 = fmap.norm(out_channels)
+        self.conv2 = fmap.conv(out_channels, out_channels, 3, bias=False)
+        self.norm2 = fmap.norm(out_channels)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                                          fmap.norm(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.norm1(self.conv1(x)))
+        return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet18 of DC/MTT with instance norm (their ``ResNet18``).
+
+    Conv3x3(64, stride 1, no bias) -> GroupNorm -> ReLU, then basic blocks
+    [2, 2, 2, 2] of width 64, 128, 256, 512 (the first block of each stage
+    after the first has stride 2), global average pooling (DC/MTT's
+    ``avg_pool2d(out, 4)`` on the 4x4 map of 28x28 and 32x32 input) and
+    Linear(512, num_classes). Fits inputs from 9x9 up.
+
+    Input (N, in_channels, H, W) -> logits (N, num_classes).
+    """
+
+    STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (width, stride of its first block)
+
+    def __init__(self, in_channels: int, num_classes: int, image_size):
+        super().__init__()
+        _positive_int("in_channels", in_channels)
+        _positive_int("num_classes", num_classes)
+        fmap = _FeatureMap("ResNet18", image_size)
+        self.stem = nn.Sequential(fmap.conv(in_channels, 64, 3, bias=False), fmap.norm(64), nn.ReLU())
+        blocks = []
+        channels = 64
+        for width, stride in self.STAGES:
+            for block_stride in (stride, 1):
+                blocks.append(_BasicBlock(fmap, channels, width, block_stride))
+                channels = width
+        self.blocks = nn.Sequential(*blocks)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, num_classes)."""
+        return self.classifier(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
 NETWORKS = {
     "convnet": lambda image_shape, num_classes: ConvNet(image_shape[0], num_classes, image_shape[1:]),
     "mlp": lambda image_shape, num_classes: MLP(image_shape, num_classes),
+    "alexnet": lambda image_shape, num_classes: AlexNet(image_shape[0], num_classes, image_shape[1:]),
+    "vgg11": lambda image_shape, num_classes: VGG11(image_shape[0], num_classes, image_shape[1:]),
+    "resnet18": lambda image_shape, num_classes: ResNet18(image_shape[0], num_classes, image_shape[1:]),
 }
 """name -> builder (image_shape (C, H, W), num_classes) -> nn.Module."""
 

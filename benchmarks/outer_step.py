@@ -1,0 +1,402 @@
+"""Time one outer iteration of distillation (METHOD.md §3.1), part by part.
+
+An outer iteration is:
+
+- **network**: a fresh, seeded network (``addrmem.make_network``, then
+  ``.to(device, dtype)``);
+- **1 sample**: the T row-index tensors of the inner loop
+  (``memory.sample_index`` for all classes, ``n_per_c`` rows each) and the real
+  batch (``real_per_class`` images per class, without replacement, from a pool
+  of random "real" images resident on the device), all from one seeded
+  generator on the device (and, with ``--augment``, the iteration's
+  flip/rotate transform);
+- **2+3 hypergradient**: ``addrmem.hypergradient``, which is
+  **2 inner forward** (T SGD-momentum steps), the outer loss on the real
+  batch, and **3 reverse** (T double-backward steps);
+- **4 outer update**: the gradients set as ``.grad``, ``clip_grad_norm_`` to
+  2.0 over all memory parameters, one step of SGD(lr 0.1, momentum 0.5).
+
+The inner lr is 0.01 and the inner momentum 0.9 (METHOD.md §6).
+
+How it is timed. Two passes over the same job, after one warm-up iteration:
+
+- **wall** (the headline): ``--iterations`` iterations with no profiler. Each
+  part is timed from outside the calls: ``time.perf_counter`` on the CPU, CUDA
+  events recorded on the stream around each part on CUDA (no synchronisation
+  until the iteration ends, so the GPU timeline is what is measured). The
+  inner forward and the reverse are not separate calls, so they have no wall
+  time; the total per outer iteration is the median of whole iterations.
+- **profiled** (the breakdown): ``--iterations`` more iterations, each under
+  its own ``torch.profiler.profile``. The benchmark wraps each part in a
+  ``record_function`` range (``outer_step.<part>``), and
+  ``addrmem/hypergradient.py`` runs its forward and reverse loops inside the
+  ranges ``addrmem.inner_forward`` and ``addrmem.reverse``. On the CPU a range
+  lasts as long as its CPU span. On CUDA (with the profiler's CUDA activity)
+  a range is done when both its CPU span and its GPU span (the
+  ``gpu_user_annotation`` the profiler records from the first to the last
+  kernel launched inside it) have ended; a part lasts from when the previous
+  part was done (or its own start, if later) until it is done, so the parts
+  of an iteration add up to it. "outer loss, checks, set-up" is the
+  hypergradient's time outside its two loops. The profiler adds overhead per
+  op: compare the two passes' totals; shares are of the profiled total.
+
+Peak memory on CUDA is ``torch.cuda.max_memory_allocated`` over the wall pass,
+next to what was allocated before it (memory, optimizer state, the real pool);
+on the CPU it is not measured (n/a).
+
+Settings: the default is the README's CIFAR-10 IPC-1 job (METHOD.md §6):
+``AddressableMemory.from_budget(1, 10, (3, 32, 32), 16, 2)`` (115 rows per
+class), ConvNet width 128 depth 3, T = 150, 32 rows per class per step (320
+synthetic images), 64 real images per class (640) from a pool of 4500 per
+class (CIFAR-10's training split less the 10 % validation split). ``--quick``
+is a tiny digits-like job (1x8x8, 10 classes, K = 4, 14 rows per class, T = 5,
+4 rows and 8 real images per class) that runs in seconds on a CPU.
+
+A benchmark measures and prints; it never fails on time (the exit status is 0
+unless the arguments are bad). The profiler may print its own log lines on
+stderr.
+
+Usage (from the repository root)::
+
+    python benchmarks/outer_step.py                         # GPU if there is one
+    python benchmarks/outer_step.py --quick --device cpu
+    python benchmarks/outer_step.py --steps 10 --iterations 1 --json out.json
+    python benchmarks/outer_step.py --net resnet18 --augment --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
+
+try:
+    import addrmem
+except ImportError:  # run from a source checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import addrmem
+from addrmem import AddressableMemory, SiameseAugment, hypergradient, make_network
+from addrmem.networks import NETWORKS
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+INNER_LR, INNER_MOMENTUM = 0.01, 0.9
+OUTER_LR, OUTER_MOMENTUM, CLIP_NORM = 0.1, 0.5, 2.0
+PARTS = ("network", "sample", "hypergradient", "update")  # the benchmark's ranges, in order
+LOOPS = ("inner_forward", "reverse")  # addrmem.hypergradient's ranges, in order
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One distillation job's shape (the memory from a budget of ``ipc``)."""
+
+    name: str
+    image_shape: tuple
+    num_classes: int
+    ipc: int
+    n_bases: int
+    downsample: int
+    net: str
+    steps: int  # T
+    n_per_c: int  # memory rows per class per inner step
+    real_per_class: int
+    pool_per_class: int
+    augment: bool
+
+
+DEFAULT = Setting("cifar10-ipc1", (3, 32, 32), 10, 1, 16, 2, "convnet", 150, 32, 64, 4500, False)
+QUICK = Setting("quick", (1, 8, 8), 10, 1, 4, 2, "convnet", 5, 4, 8, 100, False)
+
+
+class Job:
+    """The state an outer iteration works on: memory, outer optimizer, real
+    pool (class-major, ``pool_per_class`` random images per class) and the
+    sampling generator, all on ``device``."""
+
+    def __init__(self, setting: Setting, device: torch.device, dtype: torch.dtype, seed: int):
+        self.setting, self.device, self.dtype, self.seed = setting, device, dtype, seed
+        g = torch.Generator().manual_seed(seed)
+        memory = AddressableMemory.from_budget(setting.ipc, setting.num_classes, setting.image_shape,
+                                               setting.n_bases, setting.downsample, generator=g)
+        if setting.n_per_c > memory.per_class:
+            raise ValueError(f"n_per_c={setting.n_per_c} exceeds the memory's {memory.per_class} rows per class")
+        self.memory = memory.to(device=device, dtype=dtype)
+        self.optimizer = torch.optim.SGD(self.memory.parameters(), lr=OUTER_LR, momentum=OUTER_MOMENTUM)
+        n_pool = setting.num_classes * setting.pool_per_class
+        self.pool = torch.randn(n_pool, *setting.image_shape, generator=g).to(device=device, dtype=dtype)
+        self.classes = list(range(setting.num_classes))
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.iterations = 0
+
+    def sample_real(self):
+        """``real_per_class`` distinct pool images per class: (images (N, C, H, W),
+        labels (N,)), N = num_classes * real_per_class, class-major."""
+        s = self.setting
+        keys = torch.rand(s.num_classes, s.pool_per_class, generator=self.generator, device=self.device)
+        offsets = torch.arange(s.num_classes, device=self.device)[:, None] * s.pool_per_class
+        rows = (keys.topk(s.real_per_class, dim=1).indices + offsets).reshape(-1)
+        return self.pool[rows], rows // s.pool_per_class
+
+    def iteration(self, part) -> None:
+        """One outer iteration; ``part(name)`` is a context manager entered
+        around each of PARTS."""
+        s, memory = self.setting, self.memory
+        self.iterations += 1
+        with part("network"):
+            net = make_network(s.net, s.image_shape, s.num_classes, seed=self.seed + self.iterations)
+            net = net.to(device=self.device, dtype=self.dtype)
+        with part("sample"):
+            batches = [memory.sample_index(self.classes, s.n_per_c, self.generator) for _ in range(s.steps)]
+            real_images, real_labels = self.sample_real()
+            augment = SiameseAugment.draw(self.generator) if s.augment else None
+        with part("hypergradient"):
+            _, grads = hypergradient(memory, net, batches, real_images, real_labels, lr=INNER_LR,
+                                        momentum=INNER_MOMENTUM, augment=augment)
+        with part("update"):
+            for name, p in memory.named_parameters():
+                p.grad = grads[name]
+            torch.nn.utils.clip_grad_norm_(memory.parameters(), max_norm=CLIP_NORM)
+            self.optimizer.step()
+
+
+class Stopwatch:
+    """Times named spans: perf_counter on the CPU; on CUDA, events recorded on
+    the current stream, read (after one synchronisation) by :meth:`seconds`."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans = {}
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        start = self._now()
+        yield
+        self.spans[name] = (start, self._now())
+
+    def seconds(self) -> dict:
+        """{name: seconds} of the spans timed so far."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return {name: start.elapsed_time(end) / 1e3 for name, (start, end) in self.spans.items()}
+        return {name: end - start for name, (start, end) in self.spans.items()}
+
+
+def wall_iteration(job: Job) -> dict:
+    """One unprofiled iteration: {"network", "sample", "hypergradient",
+    "update", "iteration"} -> seconds."""
+    watch = Stopwatch(job.device)
+    with watch("iteration"):
+        job.iteration(watch)
+    return watch.seconds()
+
+
+def profiled_iteration(job: Job) -> tuple[dict, bool]:
+    """One iteration under torch.profiler: ({PARTS, LOOPS, "hypergradient_other",
+    "iteration"} -> seconds, whether the hypergradient's loops had GPU-side
+    ranges (None on the CPU))."""
+    cuda = job.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        with record_function("outer_step.iteration"):
+            job.iteration(lambda name: record_function(f"outer_step.{name}"))
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    names = ["outer_step.iteration", *(f"outer_step.{p}" for p in PARTS), *(f"addrmem.{p}" for p in LOOPS)]
+    spans = {name: range_span(events, name) for name in names}
+    start, done, _ = spans["outer_step.iteration"]
+    seconds = {"iteration": (done - start) / 1e6}
+    seconds.update(chain(spans, PARTS, "outer_step", start))
+    seconds.update(chain(spans, LOOPS, "addrmem", spans["outer_step.sample"][1]))
+    seconds["hypergradient_other"] = seconds["hypergradient"] - sum(seconds[loop] for loop in LOOPS)
+    gpu_found = all(spans[f"addrmem.{loop}"][2] for loop in LOOPS) if cuda else None
+    return seconds, gpu_found
+
+
+def chain(spans: dict, parts, prefix: str, previous_done: float) -> dict:
+    """Seconds of consecutive ranges ``prefix.part``: each lasts from when the
+    one before was done (``previous_done`` for the first), or from its own
+    start if that is later, until it is done."""
+    seconds = {}
+    for part in parts:
+        start, done, _ = spans[f"{prefix}.{part}"]
+        seconds[part] = (done - max(start, previous_done)) / 1e6
+        previous_done = done
+    return seconds
+
+
+def range_span(events, name: str) -> tuple[float, float, bool]:
+    """(start, done, GPU span found) in microseconds of the one ``name``
+    range in ``events``: its CPU start, and the later of its CPU end and the
+    end of its device-side annotation, if the profile has one."""
+    cpu = [e for e in events if e.name == name and e.device_type == DeviceType.CPU]
+    if len(cpu) != 1:
+        raise RuntimeError(f"the profile holds {len(cpu)} CPU ranges named {name!r}; expected one")
+    device_ends = [e.time_range.end for e in events if e.name == name and e.device_type != DeviceType.CPU]
+    return cpu[0].time_range.start, max([cpu[0].time_range.end, *device_ends]), bool(device_ends)
+
+
+def medians(runs: list[dict]) -> dict:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def fmt_time(t) -> str:
+    if t is None:
+        return "-"
+    if t < 1e-3:
+        return f"{t * 1e6:.1f} us"
+    if t < 1:
+        return f"{t * 1e3:.2f} ms"
+    return f"{t:.3f} s"
+
+
+def fmt_bytes(n) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.3f} GiB"
+
+
+ROWS = [  # (key, label)
+    ("network", "network: fresh init + to device"),
+    ("sample", "1 sample: T index tensors + real batch"),
+    ("inner_forward", "2 inner forward: T SGD-momentum steps"),
+    ("reverse", "3 reverse: T double-backward steps"),
+    ("hypergradient_other", "  outer loss, checks, set-up"),
+    ("hypergradient", "2+3 hypergradient"),
+    ("update", "4 outer update: clip + SGD step"),
+    ("iteration", "outer iteration"),
+]
+
+
+def print_table(wall: dict, profiled: dict) -> None:
+    print(f"{'part':<42}{'wall':>12}{'profiled':>12}{'share':>9}")
+    for key, label in ROWS:
+        share = f"{100 * profiled[key] / profiled['iteration']:.1f}%"
+        print(f"{label:<42}{fmt_time(wall.get(key)):>12}{fmt_time(profiled[key]):>12}{share:>9}")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    threads = torch.get_num_threads()
+    return f"CPU {platform.machine()} ({threads} thread{'s' if threads > 1 else ''})"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description="Time one outer iteration of addrmem's distillation, part by part.",
+        epilog="See the module docstring for what is measured and how.",
+    )
+    p.add_argument("--quick", action="store_true", help="a tiny digits-like job (1x8x8, T=5) instead of "
+                   "the README's CIFAR-10 IPC-1 job")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda if available, else cpu (default)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--steps", type=int, metavar="T", help="inner steps (default: 150, 5 with --quick)")
+    p.add_argument("--n-per-c", type=int, metavar="N",
+                   help="memory rows per class per inner step (default: 32, 4 with --quick)")
+    p.add_argument("--net", choices=sorted(NETWORKS), help="network (default: convnet)")
+    p.add_argument("--augment", action="store_true", help="flip/rotate augmentation (METHOD.md §3.4)")
+    p.add_argument("--iterations", type=int, metavar="N",
+                   help="timed outer iterations per pass, after one warm-up (default: 5, 3 with --quick)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = p.parse_args(argv)
+    for name in ("steps", "n_per_c", "iterations"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    cuda = device.type == "cuda"
+    base = QUICK if args.quick else DEFAULT
+    overrides = {"steps": args.steps, "n_per_c": args.n_per_c, "net": args.net}
+    setting = dataclasses.replace(base, augment=args.augment,
+                                  **{k: v for k, v in overrides.items() if v is not None})
+    iterations = args.iterations or (3 if args.quick else 5)
+    try:
+        job = Job(setting, device, DTYPES[args.dtype], args.seed)
+    except ValueError as exc:
+        print(f"outer_step.py: error: {exc}", file=sys.stderr)
+        return 2
+    memory = job.memory
+    net_params = sum(p.numel() for p in make_network(setting.net, setting.image_shape, setting.num_classes,
+                                                     seed=0).parameters())
+    print(f"outer_step benchmark on {device_name(device)}, torch {torch.__version__}, {args.dtype}")
+    print(f"setting {setting.name}: {setting.net} ({net_params:,} weights) on {setting.image_shape} images, "
+          f"{setting.num_classes} classes; AddressableMemory ipc {setting.ipc}, K={memory.n_bases}, "
+          f"ds={memory.downsample}, {memory.per_class} rows/class; T={setting.steps}, "
+          f"{setting.n_per_c * setting.num_classes} synthetic and {setting.real_per_class * setting.num_classes} "
+          f"real images per step; augment {'flip/rotate' if setting.augment else 'none'}")
+    print(f"median of {iterations} iteration(s) per pass, after 1 warm-up")
+
+    wall_iteration(job)  # warm-up
+    resident = peak = None
+    if cuda:
+        resident = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    wall_runs = [wall_iteration(job) for _ in range(iterations)]
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device)
+    profiled = [profiled_iteration(job) for _ in range(iterations)]
+    profiled_runs = [seconds for seconds, _ in profiled]
+    gpu_found = all(found for _, found in profiled) if cuda else None
+
+    wall, prof = medians(wall_runs), medians(profiled_runs)
+    print()
+    print_table(wall, prof)
+    print()
+    print(f"seconds per outer iteration: {wall['iteration']:.4f} (wall, median); profiled "
+          f"{prof['iteration']:.4f} ({prof['iteration'] / wall['iteration']:.2f}x the wall time)")
+    print(f"peak memory: {fmt_bytes(peak)}" + (f" allocated ({fmt_bytes(resident)} before the iterations)"
+                                               if cuda else " (not measured on the CPU)"))
+    if gpu_found is False:
+        print("WARNING: the profile has no GPU-side ranges; the profiled CUDA times are CPU (launch) spans")
+    if args.json:
+        result = {
+            "setting": dataclasses.asdict(setting),
+            "memory": memory.config(),
+            "net_weights": net_params,
+            "device": device_name(device),
+            "device_type": device.type,
+            "torch": torch.__version__,
+            "build_info": addrmem.build_info(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "dtype": args.dtype,
+            "iterations": iterations,
+            "seed": args.seed,
+            "seconds_per_iteration": wall["iteration"],
+            "wall": {"median": wall, "runs": wall_runs},
+            "profiled": {"median": prof, "runs": profiled_runs, "gpu_ranges": gpu_found},
+            "peak_memory_bytes": peak,
+            "resident_memory_bytes": resident,
+        }
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

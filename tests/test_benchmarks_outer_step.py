@@ -1,0 +1,70 @@
+"""Smoke test of benchmarks/outer_step.py: a --quick CPU run prints the table
+and writes JSON whose parts (from the wall clock and from the profiler ranges,
+including addrmem.hypergradient's own) are positive and add up."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "outer_step.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("outer_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["outer_step"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_cpu_run(tmp_path, capsys):
+    outer_step = load_script()
+    path = tmp_path / "o.json"
+    assert outer_step.main(["--quick", "--device", "cpu", "--iterations", "1", "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+    for _, label in outer_step.ROWS:
+        assert label in printed
+    assert "seconds per outer iteration" in printed and "not measured on the CPU" in printed
+
+    result = json.loads(path.read_text())
+    assert result["setting"]["steps"] == 5 and result["device_type"] == "cpu" and result["iterations"] == 1
+    assert result["memory"]["per_class"] == 14
+    assert result["peak_memory_bytes"] is None and result["profiled"]["gpu_ranges"] is None
+    wall, prof = result["wall"]["median"], result["profiled"]["median"]
+    assert set(wall) == {*outer_step.PARTS, "iteration"}
+    assert set(prof) == {*outer_step.PARTS, *outer_step.LOOPS, "hypergradient_other", "iteration"}
+    assert result["seconds_per_iteration"] == wall["iteration"]
+    for times in (wall, prof):
+        assert all(times[part] > 0 for part in outer_step.PARTS)
+        assert sum(times[part] for part in outer_step.PARTS) <= times["iteration"] * (1 + 1e-9)
+        assert sum(times[part] for part in outer_step.PARTS) >= 0.9 * times["iteration"]
+    # The hypergradient's two loops (its record_function ranges) lie inside it, the reverse costing more.
+    assert 0 < prof["inner_forward"] < prof["reverse"]
+    assert 0 <= prof["hypergradient_other"] < prof["hypergradient"]
+
+
+def test_overrides_and_help(tmp_path, capsys):
+    outer_step = load_script()
+    path = tmp_path / "o.json"
+    assert outer_step.main(["--quick", "--device", "cpu", "--iterations", "1", "--steps", "1", "--n-per-c", "2",
+                            "--net", "mlp", "--augment", "--dtype", "float64", "--json", str(path)]) == 0
+    setting = json.loads(path.read_text())["setting"]
+    assert (setting["steps"], setting["n_per_c"], setting["net"], setting["augment"]) == (1, 2, "mlp", True)
+    with pytest.raises(SystemExit) as exc:
+        outer_step.main(["--help"])
+    assert exc.value.code == 0 and "--iterations" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--iterations", "0"], ["--steps", "-1"], ["--dtype", "int8"]])
+def test_bad_arguments(argv):
+    with pytest.raises(SystemExit) as exc:
+        load_script().main(["--quick", "--device", "cpu", *argv])
+    assert exc.value.code == 2
+
+
+def test_n_per_c_beyond_the_memory_is_refused(capsys):
+    assert load_script().main(["--quick", "--device", "cpu", "--n-per-c", "15"]) == 2
+    assert "exceeds the memory's 14 rows per class" in capsys.readouterr().err
