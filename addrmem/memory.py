@@ -28,7 +28,7 @@ import os
 import torch
 from torch import nn
 
-from .ops import synthesize
+from .ops import synthesize, validate_index
 
 __all__ = ["AddressableMemory", "ImageMemory", "load_memory"]
 
@@ -83,20 +83,7 @@ class _Memory(nn.Module):
     def validate_index(self, index: torch.Tensor) -> torch.Tensor:
         """Check a (N,) integer row index (type, shape, device, range in [0, rows));
         returns it as int64. Costs one host synchronisation on CUDA."""
-        if not isinstance(index, torch.Tensor):
-            raise TypeError(f"index must be an integer tensor; got {type(index).__name__}")
-        if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
-            raise TypeError(f"index must be an integer tensor; got {index.dtype}")
-        if index.dim() != 1:
-            raise ValueError(f"index must be 1-D (N,); got shape {tuple(index.shape)}")
-        if index.device != self.device:
-            raise ValueError(f"index is on {index.device} but the memory is on {self.device}")
-        if index.numel():
-            lo, hi = (int(v) for v in torch.aminmax(index))
-            if lo < 0 or hi >= self.rows:
-                bad = lo if lo < 0 else hi
-                raise IndexError(f"index holds row {bad}, out of range for a memory of {self.rows} rows")
-        return index.long()
+        return validate_index(index, self.rows, self.device)
 
     def forward(self, index: torch.Tensor | None = None, *, check_index: bool = True):
         """Images and labels of rows ``index`` ((N,) int; all rows if None).

@@ -19,7 +19,7 @@ except ImportError as exc:  # pragma: no cover - only without a built extension
         "from the repository root, after installing torch."
     ) from exc
 
-__all__ = ["synthesize", "synthesize_reference", "build_info"]
+__all__ = ["synthesize", "synthesize_reference", "build_info", "validate_index"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -44,7 +44,7 @@ def build_info() -> dict:
     }
 
 
-def _check(addresses, bases, index, scale):
+def _check(addresses, bases, scale):
     if not isinstance(addresses, torch.Tensor) or not isinstance(bases, torch.Tensor):
         raise TypeError("addresses and bases must be torch.Tensors")
     if addresses.dim() != 2:
@@ -74,26 +74,27 @@ def _check(addresses, bases, index, scale):
         raise ValueError(f"scale must be >= 1; got {scale}")
     if bases.dim() == 2 and scale != 1:
         raise ValueError("2-D bases (K, D) have no image layout to upsample: pass 4-D bases or scale=1")
-    if index is not None:
-        if not isinstance(index, torch.Tensor):
-            raise TypeError(f"index must be an integer tensor or None; got {type(index).__name__}")
-        if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
-            raise TypeError(f"index must be an integer tensor; got {index.dtype}")
-        if index.dim() != 1:
-            raise ValueError(f"index must be 1-D (N,); got shape {tuple(index.shape)}")
-        if index.device != addresses.device:
-            raise ValueError(f"index is on {index.device} but addresses are on {addresses.device}")
 
 
-def _check_index_range(index: torch.Tensor, rows: int) -> None:
-    if index.numel() == 0:
-        return
-    lo, hi = torch.aminmax(index)
-    lo, hi = int(lo), int(hi)  # one host synchronisation on CUDA
-    if lo < 0:
-        raise IndexError(f"index holds a negative row ({lo}); rows must lie in [0, {rows})")
-    if hi >= rows:
-        raise IndexError(f"index holds row {hi}, out of range for addresses with {rows} rows")
+def validate_index(index: torch.Tensor, rows: int, device: torch.device, *, check_range: bool = True) -> torch.Tensor:
+    """Check a (N,) integer index of rows in [0, rows) on ``device``; returns
+    it as int64. The range check costs one host synchronisation on CUDA;
+    ``check_range=False`` skips it (type, shape and device are still checked)."""
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"index must be an integer tensor; got {type(index).__name__}")
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise TypeError(f"index must be an integer tensor; got {index.dtype}")
+    if index.dim() != 1:
+        raise ValueError(f"index must be 1-D (N,); got shape {tuple(index.shape)}")
+    if index.device != device:
+        raise ValueError(f"index is on {index.device} but the rows it selects are on {device}")
+    if check_range and index.numel():
+        lo, hi = (int(v) for v in torch.aminmax(index))
+        if lo < 0:
+            raise IndexError(f"index holds a negative row ({lo}); rows must lie in [0, {rows})")
+        if hi >= rows:
+            raise IndexError(f"index holds row {hi}, out of range for {rows} rows")
+    return index.long()
 
 
 def synthesize(
@@ -126,11 +127,9 @@ def synthesize(
         (N, C, h*scale, w*scale), or (N, D) for 2-D bases; dtype and device of
         the inputs. Differentiable in ``addresses`` and ``bases`` (twice).
     """
-    _check(addresses, bases, index, scale)
+    _check(addresses, bases, scale)
     if index is not None:
-        index = index.long()
-        if check_index:
-            _check_index_range(index, addresses.shape[0])
+        index = validate_index(index, addresses.shape[0], addresses.device, check_range=check_index)
     op = _ops()[0]
     if bases.dim() == 2:
         flat = op(addresses, bases[:, None, None, :], index, 1)

@@ -222,8 +222,8 @@ def test_bad_input(args, kwargs, error, words):
 def test_mixed_devices_rejected():
     with pytest.raises(ValueError, match="different devices"):
         synthesize(A0.cuda(), B0)
-    with pytest.raises(ValueError, match="index is on"):
-        synthesize(A0.cuda(), B0.cuda(), torch.tensor([0]))
+    with pytest.raises(ValueError, match="index is on cpu"):
+        synthesize(A0.cuda(), B0.cuda(), torch.tensor([0]))  # "index is on cpu but ..."
 
 
 # --- CUDA ------------------------------------------------------------------------------
