@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+import torch
+
 from .data import DATASETS, load_dataset
 from .distill import (BASELINE_DIR, DistillConfig, default_config, derive_seed, evaluate,
                       run_experiment, save_grids)
@@ -101,6 +103,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def _set_threads(config):
+    if config.threads:
+        torch.set_num_threads(config.threads)
+
+
 def _run_config(path):
     config_path = os.path.join(path, "config.yaml")
     if not os.path.isfile(config_path):
@@ -124,6 +131,7 @@ def _distill(args):
         run_dir = args.out or os.path.join(
             "runs", f"{config.dataset}-ipc{config.ipc}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.out = run_dir
+    _set_threads(config)
     dataset = load_dataset(config.dataset, config.data_root)
     results = run_experiment(config, dataset, run_dir, resume=bool(args.resume))
     print(_format_results(results, config))
@@ -171,6 +179,7 @@ def _eval(args):
     nets = config.eval_nets if args.nets is None else args.nets
     if nets < 1:
         raise ValueError(f"--nets must be >= 1; got {nets}")
+    _set_threads(config)
     memory = load_memory(_memory_files(args.run)[0], map_location=config.device)
     dataset = load_dataset(config.dataset, config.data_root)
     images, labels = memory.recall()

@@ -93,7 +93,9 @@ class DistillConfig:
     network trains ``eval_epochs`` epochs of SGD (``eval_lr``,
     ``eval_momentum``) in shuffled batches of ``eval_batch``.
     Run: ``checkpoint_every`` (iterations), ``seed``, ``device``, ``dtype``
-    ("float32" or "float64").
+    ("float32" or "float64"), ``threads`` (CPU intra-op threads that the
+    ``addrmem`` command sets, since results can differ in the last bits with
+    the thread count; 0 leaves torch's default).
     """
 
     dataset: str = "digits"
@@ -128,6 +130,7 @@ class DistillConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    threads: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -156,7 +159,7 @@ class DistillConfig:
                      "eval_every", "val_nets", "eval_nets", "eval_epochs", "eval_batch", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config field {name} must be >= 1; got {getattr(self, name)}")
-        for name in ("task_classes", "seed"):
+        for name in ("task_classes", "seed", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field {name} must be >= 0; got {getattr(self, name)}")
         for name in ("inner_lr", "outer_lr", "clip", "eval_lr"):
@@ -214,11 +217,18 @@ class DistillConfig:
 
 
 PRESETS = {
-    # Tuned so that `addrmem distill` finishes in a few minutes on two CPU
-    # cores; see the issue report for the measurements. 8x8 digits: full-
-    # resolution bases (4x4 ones lose the strokes), K=4 -> 14 rows per class.
-    "digits": dict(n_bases=6, downsample=1, steps=20, n_per_c=32, iterations=60, outer_lr=0.1,
-                   eval_every=20, val_nets=2, eval_nets=5, eval_epochs=100, checkpoint_every=10),
+    # `addrmem distill` with no arguments: a few minutes on two CPU cores. At
+    # IPC 1 an 8x8 digit budget is 640 floats and a full-resolution base costs
+    # 64 of them, so K=7 bases leave 2 addressing rows per class (588 floats);
+    # half-resolution (4x4) bases lose the strokes. The MLP, not the ConvNet:
+    # on 8x8 inputs the ConvNet's third block normalises 2x2 maps, learns
+    # slowly at lr 0.01 and costs ~40x more per inner step on the CPU. Adam,
+    # not SGD 0.1: hypergradient norms here are ~0.01-0.1, so SGD barely moves
+    # the memory in a few hundred iterations. One thread: these ops are too
+    # small for a second one to pay for its synchronisation.
+    "digits": dict(network="mlp", n_bases=7, downsample=1, steps=100, iterations=300, outer_optimizer="adam",
+                   outer_lr=0.03, eval_every=50, val_nets=2, eval_nets=5, eval_epochs=300,
+                   checkpoint_every=50, threads=1),
 }
 """dataset name -> the fields :func:`default_config` changes for it."""
 
