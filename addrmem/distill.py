@@ -56,7 +56,7 @@ from .memory import AddressableMemory, ImageMemory
 from .networks import make_network
 
 __all__ = ["Accuracy", "DistillConfig", "DistillResult", "PRESETS", "default_config", "derive_seed",
-           "distill", "evaluate", "run_experiment", "save_grids"]
+           "distill", "evaluate", "make_outer_optimizer", "outer_update", "run_experiment", "save_grids"]
 
 CHECKPOINT_FORMAT = 1
 BASELINE_DIR = "baseline-image"
@@ -362,6 +362,39 @@ def build_memory(config: DistillConfig, dataset: Dataset):
     return memory.to(*_device_dtype(config))
 
 
+def make_outer_optimizer(memory, config: DistillConfig) -> torch.optim.Optimizer:
+    """The outer optimizer of ``config`` over all of ``memory``'s parameters:
+    SGD(``outer_lr``, ``outer_momentum``) or Adam(``outer_lr``)."""
+    if config.outer_optimizer == "sgd":
+        return torch.optim.SGD(memory.parameters(), lr=config.outer_lr, momentum=config.outer_momentum)
+    return torch.optim.Adam(memory.parameters(), lr=config.outer_lr)
+
+
+def outer_update(memory, optimizer, loss, grads: dict, config: DistillConfig, iteration: int = 0) -> float:
+    """One outer step (METHOD.md §3.1 step 6, §12.4): set ``grads`` (name ->
+    tensor shaped like the parameter, as :func:`addrmem.hypergradient`
+    returns) as the memory's gradients, add the coefficient regulariser's
+    gradient (``config.coeff_reg``), clip the global norm to ``config.clip``,
+    step ``optimizer`` and clear the gradients. Returns the norm before
+    clipping. Raises FloatingPointError if ``loss`` (0-dim) or the norm is
+    not finite; the memory is then left unchanged."""
+    for name, p in memory.named_parameters():
+        p.grad = grads[name]
+    if config.coeff_reg != "none":
+        a = memory.addresses.detach()
+        reg = a.sign() if config.coeff_reg == "l1" else a / a.norm().clamp_min(1e-12)
+        memory.addresses.grad.add_(reg, alpha=config.coeff_reg_alpha)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(memory.parameters(), config.clip))
+    if not (math.isfinite(float(loss)) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(
+            f"the outer loss ({float(loss)}) or its gradient norm ({grad_norm}) is not finite at "
+            f"iteration {iteration}: the memory diverged; lower outer_lr or inner_lr and start again")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 _STREAMS = ("task", "network", "rows", "real", "augment")
 
 
@@ -372,11 +405,7 @@ class _Run:
         self.config = config
         self.run_dir = run_dir
         self.memory = build_memory(config, dataset)
-        params = list(self.memory.parameters())
-        if config.outer_optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=config.outer_lr, momentum=config.outer_momentum)
-        else:
-            self.optimizer = torch.optim.Adam(params, lr=config.outer_lr)
+        self.optimizer = make_outer_optimizer(self.memory, config)
         self.generators = {name: _generator(config.seed, name) for name in _STREAMS}
         self.iteration = 0
         self.best = None  # {"iteration", "val": Accuracy fields, "state": memory state}
@@ -530,19 +559,7 @@ def distill(config: DistillConfig, dataset: Dataset, run_dir: str | None = None,
                                          [:config.real_per_class]] for c in classes.tolist()]).to(device)
             loss, grads = hypergradient(memory, net, batches, train_images[real], train_labels[real],
                                         lr=config.inner_lr, momentum=config.inner_momentum, augment=augment)
-            for name, p in memory.named_parameters():
-                p.grad = grads[name]
-            if config.coeff_reg != "none":
-                a = memory.addresses.detach()
-                reg = a.sign() if config.coeff_reg == "l1" else a / a.norm().clamp_min(1e-12)
-                memory.addresses.grad.add_(reg, alpha=config.coeff_reg_alpha)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(memory.parameters(), config.clip))
-            if not (math.isfinite(float(loss)) and math.isfinite(grad_norm)):
-                raise FloatingPointError(
-                    f"the outer loss ({float(loss)}) or its gradient norm ({grad_norm}) is not finite at "
-                    f"iteration {it}: the memory diverged; lower outer_lr or inner_lr and start again")
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
+            grad_norm = outer_update(memory, run.optimizer, loss, grads, config, it)
             run.seconds += time.perf_counter() - start
             record.update(loss=float(loss), grad_norm=grad_norm, seconds=round(run.seconds, 3))
             write(record)

@@ -13,10 +13,12 @@ An outer iteration is:
 - **2+3 hypergradient**: ``addrmem.hypergradient``, which is
   **2 inner forward** (T SGD-momentum steps), the outer loss on the real
   batch, and **3 reverse** (T double-backward steps);
-- **4 outer update**: the gradients set as ``.grad``, ``clip_grad_norm_`` to
-  2.0 over all memory parameters, one step of SGD(lr 0.1, momentum 0.5).
+- **4 outer update**: ``addrmem.distill.outer_update`` (the gradients set as
+  ``.grad``, clipped to a global norm of 2.0, one step of SGD(lr 0.1,
+  momentum 0.5); it reads the loss, so it waits for the GPU).
 
-The inner lr is 0.01 and the inner momentum 0.9 (METHOD.md §6).
+The inner lr is 0.01 and the inner momentum 0.9: ``DistillConfig()``'s
+defaults, the official ones (METHOD.md §6).
 
 How it is timed. Two passes over the same job, after one warm-up iteration:
 
@@ -87,11 +89,11 @@ except ImportError:  # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import addrmem
 from addrmem import AddressableMemory, SiameseAugment, hypergradient, make_network
+from addrmem.distill import DistillConfig, make_outer_optimizer, outer_update
 from addrmem.networks import NETWORKS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-INNER_LR, INNER_MOMENTUM = 0.01, 0.9
-OUTER_LR, OUTER_MOMENTUM, CLIP_NORM = 0.1, 0.5, 2.0
+OFFICIAL = DistillConfig()  # inner lr 0.01 / momentum 0.9, outer SGD 0.1 / 0.5, clip 2 (METHOD.md §6)
 PARTS = ("network", "sample", "hypergradient", "update")  # the benchmark's ranges, in order
 LOOPS = ("inner_forward", "reverse")  # addrmem.hypergradient's ranges, in order
 
@@ -131,7 +133,7 @@ class Job:
         if setting.n_per_c > memory.per_class:
             raise ValueError(f"n_per_c={setting.n_per_c} exceeds the memory's {memory.per_class} rows per class")
         self.memory = memory.to(device=device, dtype=dtype)
-        self.optimizer = torch.optim.SGD(self.memory.parameters(), lr=OUTER_LR, momentum=OUTER_MOMENTUM)
+        self.optimizer = make_outer_optimizer(self.memory, OFFICIAL)
         n_pool = setting.num_classes * setting.pool_per_class
         self.pool = torch.randn(n_pool, *setting.image_shape, generator=g).to(device=device, dtype=dtype)
         self.classes = list(range(setting.num_classes))
@@ -160,13 +162,10 @@ class Job:
             real_images, real_labels = self.sample_real()
             augment = SiameseAugment.draw(self.generator) if s.augment else None
         with part("hypergradient"):
-            _, grads = hypergradient(memory, net, batches, real_images, real_labels, lr=INNER_LR,
-                                        momentum=INNER_MOMENTUM, augment=augment)
+            loss, grads = hypergradient(memory, net, batches, real_images, real_labels, lr=OFFICIAL.inner_lr,
+                                        momentum=OFFICIAL.inner_momentum, augment=augment)
         with part("update"):
-            for name, p in memory.named_parameters():
-                p.grad = grads[name]
-            torch.nn.utils.clip_grad_norm_(memory.parameters(), max_norm=CLIP_NORM)
-            self.optimizer.step()
+            outer_update(memory, self.optimizer, loss, grads, OFFICIAL)
 
 
 class Stopwatch:
