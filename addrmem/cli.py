@@ -21,13 +21,21 @@ from .data import DATASETS, load_dataset
 from .distill import (BASELINE_DIR, DistillConfig, default_config, derive_seed, evaluate,
                       run_experiment, save_grids)
 from .memory import load_memory
+from .networks import NETWORKS
 
 __all__ = ["main"]
+
+def _names(text: str) -> list:
+    """'a,b' -> ['a', 'b']."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
 
 # flag -> (config field, type, metavar, help). Defaults come from the dataset's config.
 _DISTILL_FLAGS = [
     ("--dataset", "dataset", str, "NAME", f"dataset to distill: {', '.join(sorted(DATASETS))}"),
     ("--data-root", "data_root", str, "DIR", "folder holding the dataset's files (not needed for digits)"),
+    ("--zca", "zca", float, "REG", "ZCA-whiten the images with this regularisation (0 = off; 0.1 for CIFAR "
+     "as the official code)"),
     ("--ipc", "ipc", int, "N", "storage budget in raw images per class"),
     ("--n-bases", "n_bases", int, "K", "number of shared bases"),
     ("--downsample", "downsample", int, "DS", "bases are stored at 1/DS of the image resolution"),
@@ -35,6 +43,8 @@ _DISTILL_FLAGS = [
     ("--iterations", "iterations", int, "N", "outer iterations"),
     ("--inner-lr", "inner_lr", float, "LR", "learning rate of the unrolled inner SGD"),
     ("--outer-lr", "outer_lr", float, "LR", "learning rate of the memory's optimizer"),
+    ("--eval-arch", "eval_archs", _names, "NET,...", "also test every method with these networks "
+     f"(cross-architecture; any of {', '.join(sorted(NETWORKS))})"),
     ("--seed", "seed", int, "S", "seed of every random draw (one seed, one result)"),
     ("--device", "device", str, "DEVICE", "torch device, e.g. cpu or cuda"),
 ]
@@ -59,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
                     "written to --out.")
     for flag, field, kind, metavar, text in _DISTILL_FLAGS:
         shown = getattr(digits, field)
-        if getattr(official, field) != shown:
+        if shown == []:
+            shown = "none"
+        elif getattr(official, field) != shown:
             shown = f"{shown} for digits, {getattr(official, field)} otherwise"
         run.add_argument(flag, dest=field, type=kind, metavar=metavar, default=None,
                          help=text if shown is None else f"{text} (default: {shown})")
@@ -69,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="YAML mapping of config fields (any of those in a run's config.yaml)")
     run.add_argument("--resume", metavar="RUN", default=None,
                      help="continue an interrupted run where it stopped, with its saved config")
+    run.add_argument("--download", action="store_true",
+                     help="let torchvision download the dataset into --data-root if it is not there")
 
     show = commands.add_parser("show", help="redraw a run's PNG grids (bases.png, recall.png)",
                                description="Redraw the PNG grids of RUN's memories from their memory.pt.")
@@ -132,7 +146,7 @@ def _distill(args):
             "runs", f"{config.dataset}-ipc{config.ipc}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.out = run_dir
     _set_threads(config)
-    dataset = load_dataset(config.dataset, config.data_root)
+    dataset = load_dataset(config.dataset, config.data_root, download=args.download, zca=config.zca)
     results = run_experiment(config, dataset, run_dir, resume=bool(args.resume))
     print(_format_results(results, config))
     print(f"run folder: {run_dir}")
@@ -146,9 +160,15 @@ def _format_results(results, config) -> str:
              "full_data": "full training set ({images} images)"}
     rows = [(names[key].format(n_bases=config.n_bases, **m), m) for key, m in results["methods"].items()]
     width = max(len(name) for name, _ in rows)
-    lines = [f"test accuracy on {results['dataset']} ({results['test_images']} images), IPC {results['ipc']}, "
-             f"{results['eval_nets']} networks x {results['eval_epochs']} epochs, mean ± std:"]
-    lines += [f"  {name:<{width}}  {m['test']['mean']:6.2f} ± {m['test']['std']:5.2f} %  ({m['num_floats']} floats)"
+    archs = results["archs"]
+    full = results["methods"].get("full_data")
+    epochs = f"{results['eval_epochs']} epochs" + (
+        f" ({full['epochs']} on the full set)" if full and full["epochs"] != results["eval_epochs"] else "")
+    lines = [f"test accuracy (%) on {results['dataset']} ({results['test_images']} images), IPC {results['ipc']}, "
+             f"{results['eval_nets']} networks x {epochs}, mean ± std:",
+             f"  {'':<{width}}" + "".join(f"  {arch:>13}" for arch in archs)]
+    lines += [f"  {name:<{width}}" + "".join(f"  {m['archs'][a]['mean']:6.2f} ± {m['archs'][a]['std']:4.2f}"
+                                             for a in archs) + f"  ({m['num_floats']} floats)"
               for name, m in rows]
     lines.append(f"wall time {results['wall_seconds']:.0f} s on {results['device']} "
                  f"({results['distill_seconds']:.0f} s distilling)")
@@ -181,7 +201,7 @@ def _eval(args):
         raise ValueError(f"--nets must be >= 1; got {nets}")
     _set_threads(config)
     memory = load_memory(_memory_files(args.run)[0], map_location=config.device)
-    dataset = load_dataset(config.dataset, config.data_root)
+    dataset = load_dataset(config.dataset, config.data_root, zca=config.zca)
     images, labels = memory.recall()
     acc = evaluate(images, labels, dataset, config, nets, split="test", seed=derive_seed(config.seed, "test"),
                    network=args.network, desc="test")

@@ -50,13 +50,14 @@ import yaml
 from tqdm.auto import tqdm
 
 from .augment import SiameseAugment, augment_per_image
-from .data import Dataset
+from .data import Dataset, to_display
 from .hypergradient import hypergradient
 from .memory import AddressableMemory, ImageMemory
-from .networks import make_network
+from .networks import NETWORKS, make_network
 
 __all__ = ["Accuracy", "DistillConfig", "DistillResult", "PRESETS", "default_config", "derive_seed",
-           "distill", "evaluate", "make_outer_optimizer", "outer_update", "run_experiment", "save_grids"]
+           "distill", "evaluate", "make_outer_optimizer", "outer_update", "run_experiment", "save_grids",
+           "eval_networks"]
 
 CHECKPOINT_FORMAT = 1
 BASELINE_DIR = "baseline-image"
@@ -71,7 +72,9 @@ class DistillConfig:
     dataset's tuned settings.
 
     Data: ``dataset`` (a name known to :func:`addrmem.data.load_dataset`),
-    ``data_root`` (its folder; None for bundled data).
+    ``data_root`` (its folder; None for bundled data), ``zca`` (ZCA whitening
+    strength, METHOD.md §3.5: 0 = off; the official code uses 0.1 for CIFAR
+    and 100 for SVHN).
     Memory: ``memory`` ("addressable" or "image"), ``ipc`` (storage budget in
     raw images per class, METHOD.md §2), ``n_bases`` (K), ``downsample`` (ds:
     bases stored at 1/ds resolution; ignored by "image").
@@ -89,9 +92,12 @@ class DistillConfig:
     §3.3, §12.4; "addressable" only).
     Evaluation: every ``eval_every`` iterations (and after the last) ``val_nets``
     networks measure the memory on the validation split; at the end
-    ``eval_nets`` networks measure each method on the test split. Each
-    network trains ``eval_epochs`` epochs of SGD (``eval_lr``,
-    ``eval_momentum``) in shuffled batches of ``eval_batch``.
+    ``eval_nets`` networks of each architecture in ``network`` +
+    ``eval_archs`` (cross-architecture evaluation, METHOD.md §12.6) measure
+    each method on the test split. Each network trains ``eval_epochs``
+    epochs (``full_data_epochs`` on the full training set; 0 skips that
+    reference) of SGD (``eval_lr``, ``eval_momentum``) in shuffled batches of
+    ``eval_batch``.
     Run: ``checkpoint_every`` (iterations), ``seed``, ``device``, ``dtype``
     ("float32" or "float64"), ``threads`` (CPU intra-op threads that the
     ``addrmem`` command sets, since results can differ in the last bits with
@@ -100,6 +106,7 @@ class DistillConfig:
 
     dataset: str = "digits"
     data_root: str | None = None
+    zca: float = 0.0
     memory: str = "addressable"
     ipc: int = 1
     n_bases: int = 16
@@ -126,6 +133,8 @@ class DistillConfig:
     eval_batch: int = 640
     eval_lr: float = 0.01
     eval_momentum: float = 0.9
+    eval_archs: list[str] = dataclasses.field(default_factory=list)
+    full_data_epochs: int = 300
     checkpoint_every: int = 50
     seed: int = 0
     device: str = "cpu"
@@ -140,7 +149,7 @@ class DistillConfig:
         naming the field. Returns self."""
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            kind = {"int": int, "float": float, "str": str, "str | None": str}[field.type]
+            kind = {"int": int, "float": float, "str": str, "str | None": str, "list[str]": list}[field.type]
             if value is None and field.type == "str | None":
                 continue
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -159,13 +168,17 @@ class DistillConfig:
                      "eval_every", "val_nets", "eval_nets", "eval_epochs", "eval_batch", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config field {name} must be >= 1; got {getattr(self, name)}")
-        for name in ("task_classes", "seed", "threads"):
+        for arch in self.eval_archs:
+            if arch not in NETWORKS:
+                raise ValueError(f"config field eval_archs: unknown network {arch!r}; known: "
+                                 f"{', '.join(sorted(NETWORKS))}")
+        for name in ("task_classes", "seed", "threads", "full_data_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field {name} must be >= 0; got {getattr(self, name)}")
         for name in ("inner_lr", "outer_lr", "clip", "eval_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"config field {name} must be > 0; got {getattr(self, name)}")
-        for name in ("inner_momentum", "outer_momentum", "eval_momentum", "coeff_reg_alpha"):
+        for name in ("inner_momentum", "outer_momentum", "eval_momentum", "coeff_reg_alpha", "zca"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"config field {name} must be >= 0; got {getattr(self, name)}")
         if self.memory == "image" and self.coeff_reg != "none":
@@ -585,7 +598,7 @@ def distill(config: DistillConfig, dataset: Dataset, run_dir: str | None = None,
     best.load_state_dict(run.best["state"])
     result = DistillResult(best, run.best["iteration"], Accuracy(**run.best["val"]), run.log, run.seconds)
     if run_dir is not None:
-        best.extra = dict(dataset=dataset.name, mean=dataset.mean.tolist(), std=dataset.std.tolist(),
+        best.extra = dict(dataset=dataset.name, preprocessing=dataset.preprocessing(),
                           classes=list(dataset.classes), iteration=result.iteration, val_mean=result.val.mean,
                           val_std=result.val.std)
         tmp = run.path("memory.pt.tmp")
@@ -599,19 +612,18 @@ def distill(config: DistillConfig, dataset: Dataset, run_dir: str | None = None,
 
 
 def save_grids(memory, folder: str, max_per_class: int = 16) -> list:
-    """Write PNG grids of a memory saved with its dataset's ``mean``/``std``
+    """Write PNG grids of a memory saved with its dataset's ``preprocessing``
     in ``memory.extra`` (as :func:`distill` does): ``recall.png`` (one row per
-    class, its first ``max_per_class`` images, normalisation undone) and, for
+    class, its first ``max_per_class`` images, with the normalisation and
+    any ZCA whitening undone by :func:`addrmem.data.to_display`) and, for
     an addressable memory, ``bases.png`` (each base scaled to [0, 1]). Tiles
     are enlarged (nearest) to at least 32 px. Returns the paths written."""
     from torchvision.utils import save_image
 
-    mean = torch.tensor(memory.extra["mean"])[:, None, None]
-    std = torch.tensor(memory.extra["std"])[:, None, None]
     images, _ = memory.recall()
     per_class = min(memory.per_class, max_per_class)
     images = images.float().cpu().view(memory.num_classes, memory.per_class, *images.shape[1:])
-    images = (images[:, :per_class].flatten(0, 1) * std + mean).clamp(0, 1)
+    images = to_display(images[:, :per_class].flatten(0, 1), memory.extra["preprocessing"])
     paths = [os.path.join(folder, "recall.png")]
     save_image(_enlarge(images), paths[0], nrow=per_class, padding=1, pad_value=1.0)
     if isinstance(memory, AddressableMemory):
@@ -644,6 +656,12 @@ def _one_line(exc) -> str:
 # --- the experiment ------------------------------------------------------------------------
 
 
+def eval_networks(config: DistillConfig) -> list:
+    """The architectures the test split is measured with: ``config.network``,
+    then each other one of ``config.eval_archs``, in order, once each."""
+    return list(dict.fromkeys([config.network, *config.eval_archs]))
+
+
 def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume: bool = False,
                    progress: bool = True) -> dict:
     """Distill ``config``'s memory into ``run_dir`` and compare, at the same
@@ -654,21 +672,30 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
     * ``image``: for an addressable config, the ImageMemory baseline distilled
       the same way (``run_dir/baseline-image``);
     * ``random_real``: ``ipc`` random real training images per class;
-    * ``full_data``: the whole training split.
+    * ``full_data``: the whole training split (``full_data_epochs`` epochs;
+      left out if 0).
 
+    Each is tested with every architecture of :func:`eval_networks`.
     ``run_dir`` must be new or empty (it is created), unless ``resume``.
-    Everything that can fail on bad input (config, budget, network) fails
-    before the folder is written. Writes ``results.json`` (atomically) and
-    returns its dict: ``methods`` maps each name to {"test": Accuracy fields,
-    "num_floats", "images", and for memories "iteration" and "val"}.
+    Everything that can fail on bad input (config, budget, networks, a
+    dataset loaded with other preprocessing than ``config.zca``) fails before
+    the folder is written. Writes ``results.json`` (atomically) and returns
+    its dict: ``methods`` maps each name to {"test": Accuracy fields of
+    ``config.network``, "archs": {arch: Accuracy fields}, "num_floats",
+    "images", and for memories "iteration" and "val"}, a function of the
+    config alone; ``seconds`` maps each name to {"distill", "test"} seconds.
     """
     config.validate()
+    if (config.zca > 0) != (dataset.zca is not None):
+        raise ValueError(f"the config asks for zca {config.zca} but the dataset was loaded "
+                         f"{'with' if dataset.zca is not None else 'without'} ZCA: load it with zca=config.zca")
     configs = {config.memory: config}
     if config.memory == "addressable":
         configs["image"] = dataclasses.replace(config, memory="image")
-    for cfg in configs.values():  # the budget and the network must fit before anything is written
+    for cfg in configs.values():  # the budget and the networks must fit before anything is written
         build_memory(cfg, dataset)
-    make_network(config.network, dataset.image_shape, dataset.num_classes, seed=0)
+    for arch in eval_networks(config):
+        make_network(arch, dataset.image_shape, dataset.num_classes, seed=0)
     if resume:
         saved = DistillConfig.from_yaml(os.path.join(run_dir, "config.yaml"))
         if saved != config:
@@ -679,46 +706,52 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
         os.makedirs(run_dir, exist_ok=True)
         config.to_yaml(os.path.join(run_dir, "config.yaml"))
     test_seed = derive_seed(config.seed, "test")
-    test_seconds = 0.0
+    archs = eval_networks(config)
 
-    def test(images, labels, name):
-        nonlocal test_seconds
+    def test(images, labels, name, epochs=config.eval_epochs):
+        """{arch: Accuracy fields} and the seconds it took."""
         start = time.perf_counter()
-        acc = evaluate(images, labels, dataset, config, config.eval_nets, split="test", seed=test_seed,
-                       progress=progress, desc=f"test {name}")
-        test_seconds += time.perf_counter() - start
-        return acc
+        tested = dataclasses.replace(config, eval_epochs=epochs)
+        accs = {arch: dataclasses.asdict(evaluate(images, labels, dataset, tested, config.eval_nets, split="test",
+                                                  seed=test_seed, network=arch, progress=progress,
+                                                  desc=f"test {name} ({arch})"))
+                for arch in archs}
+        return accs, time.perf_counter() - start
 
-    methods = {}
-    distill_seconds = 0.0
+    methods, seconds = {}, {}
     for kind, cfg in configs.items():
         folder = run_dir if kind == config.memory else os.path.join(run_dir, BASELINE_DIR)
         os.makedirs(folder, exist_ok=True)
         if folder != run_dir and not os.path.exists(os.path.join(folder, "config.yaml")):
             cfg.to_yaml(os.path.join(folder, "config.yaml"))
         result = distill(cfg, dataset, folder, resume=resume, progress=progress)
-        distill_seconds += result.seconds
         images, labels = result.memory.recall()
-        methods[kind] = {"test": dataclasses.asdict(test(images, labels, kind)),
-                         "num_floats": result.memory.num_floats(), "images": len(labels),
-                         "per_class": result.memory.per_class,
+        accs, test_seconds = test(images, labels, kind)
+        methods[kind] = {"test": accs[config.network], "archs": accs, "num_floats": result.memory.num_floats(),
+                         "images": len(labels), "per_class": result.memory.per_class,
                          "iteration": result.iteration, "val": dataclasses.asdict(result.val)}
+        seconds[kind] = {"distill": round(result.seconds, 1), "test": round(test_seconds, 1)}
     pick = torch.Generator().manual_seed(derive_seed(config.seed, "random_real"))
     train_images, train_labels = dataset.train
     subset = torch.cat([(train_labels == c).nonzero().squeeze(1)[
         torch.randperm(int((train_labels == c).sum()), generator=pick)[:config.ipc]]
         for c in range(dataset.num_classes)])
-    methods["random_real"] = {"test": dataclasses.asdict(test(train_images[subset], train_labels[subset],
-                                                              "random real")),
-                              "num_floats": subset.numel() * math.prod(dataset.image_shape),
-                              "images": subset.numel()}
-    methods["full_data"] = {"test": dataclasses.asdict(test(train_images, train_labels, "full data")),
-                            "num_floats": train_labels.numel() * math.prod(dataset.image_shape),
-                            "images": train_labels.numel()}
+    references = {"random_real": (subset, config.eval_epochs)}
+    if config.full_data_epochs:
+        references["full_data"] = (torch.arange(len(train_labels)), config.full_data_epochs)
+    for kind, (rows, epochs) in references.items():
+        accs, test_seconds = test(train_images[rows], train_labels[rows], kind.replace("_", " "), epochs)
+        methods[kind] = {"test": accs[config.network], "archs": accs,
+                         "num_floats": rows.numel() * math.prod(dataset.image_shape), "images": rows.numel(),
+                         "epochs": epochs}
+        seconds[kind] = {"distill": 0.0, "test": round(test_seconds, 1)}
+    distill_seconds = sum(s["distill"] for s in seconds.values())
+    test_seconds = sum(s["test"] for s in seconds.values())
     results = {
         "dataset": dataset.name, "ipc": config.ipc, "seed": config.seed, "iterations": config.iterations,
+        "network": config.network, "archs": archs, "zca": config.zca,
         "eval_nets": config.eval_nets, "eval_epochs": config.eval_epochs, "test_images": len(dataset.test[1]),
-        "methods": methods, "distill_seconds": round(distill_seconds, 1), "test_seconds": round(test_seconds, 1),
+        "methods": methods, "seconds": seconds, "distill_seconds": round(distill_seconds, 1), "test_seconds": round(test_seconds, 1),
         "wall_seconds": round(distill_seconds + test_seconds, 1),
         "device": _device_name(config.device), "threads": torch.get_num_threads(),
     }

@@ -10,7 +10,8 @@ import yaml
 from addrmem.cli import main
 
 TINY = dict(network="mlp", n_bases=4, downsample=1, steps=3, n_per_c=3, iterations=4, eval_every=2,
-            val_nets=1, eval_nets=1, eval_epochs=2, checkpoint_every=2, outer_optimizer="adam", outer_lr=0.03)
+            val_nets=1, eval_nets=1, eval_epochs=2, full_data_epochs=2, checkpoint_every=2, outer_optimizer="adam",
+            outer_lr=0.03)
 
 
 @pytest.fixture
@@ -79,8 +80,20 @@ def test_help_explains_the_options(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--dataset", "--data-root", "--ipc", "--n-bases", "--downsample", "--steps", "--iterations",
-                 "--inner-lr", "--outer-lr", "--seed", "--device", "--out", "--config", "--resume"):
+                 "--inner-lr", "--outer-lr", "--seed", "--device", "--out", "--config", "--resume", "--zca",
+                 "--eval-arch", "--download"):
         assert flag in out
+
+
+def test_cross_architecture_flag(tmp_path, tiny_yaml, capsys):
+    folder = str(tmp_path / "run")
+    assert main(["distill", "--config", tiny_yaml, "--out", folder, "--eval-arch", "convnet"]) == 0
+    header = capsys.readouterr().out.splitlines()[1].split()
+    assert header == ["mlp", "convnet"]
+    results = json.load(open(os.path.join(folder, "results.json")))
+    assert results["archs"] == ["mlp", "convnet"]
+    fails(["distill", "--config", tiny_yaml, "--out", str(tmp_path / "r2"), "--eval-arch", "resnet9"], capsys,
+          "unknown network 'resnet9'")
 
 
 def test_unknown_dataset(tmp_path, capsys):

@@ -16,8 +16,8 @@ from addrmem.distill import (Accuracy, DistillConfig, default_config, derive_see
 from addrmem.memory import AddressableMemory, ImageMemory, load_memory
 
 TINY = dict(network="mlp", n_bases=4, downsample=1, steps=3, n_per_c=3, iterations=4, eval_every=2,
-            val_nets=1, eval_nets=1, eval_epochs=2, checkpoint_every=2, outer_optimizer="adam",
-            outer_lr=0.03)
+            val_nets=1, eval_nets=1, eval_epochs=2, full_data_epochs=2, checkpoint_every=2,
+            outer_optimizer="adam", outer_lr=0.03)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,10 @@ def test_partial_yaml_fills_in_the_dataset_defaults(tmp_path):
     ({"outer_lr": -1.0}, "outer_lr must be > 0"),
     ({"steps": "3"}, "steps must be int"),
     ({"memory": "image", "coeff_reg": "l2"}, "needs memory: addressable"),
+    ({"eval_archs": ["vgg11", "resnet9"]}, "unknown network 'resnet9'"),
+    ({"eval_archs": "vgg11"}, "eval_archs must be list"),
+    ({"zca": -0.1}, "zca must be >= 0"),
+    ({"full_data_epochs": -1}, "full_data_epochs must be >= 0"),
 ])
 def test_bad_config_values(values, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -149,7 +153,7 @@ def test_resume_equals_uninterrupted(digits, tmp_path, monkeypatch):
         assert torch.equal(final[0]["memory"][key], final[1]["memory"][key])
     saved = load_memory(str(cut / "memory.pt"))
     assert torch.equal(saved.addresses, reference.memory.addresses)
-    assert saved.extra["iteration"] == reference.iteration and len(saved.extra["mean"]) == 1
+    assert saved.extra["iteration"] == reference.iteration and len(saved.extra["preprocessing"]["mean"]) == 1
     assert not any(name.endswith(".tmp") for name in os.listdir(cut))
 
 
@@ -230,6 +234,23 @@ def test_run_experiment_writes_the_run_folder(digits, tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         run_experiment(tiny(), digits, str(run), progress=False)
     assert run_experiment(tiny(), digits, str(run), resume=True, progress=False)["methods"] == m
+    assert set(results["seconds"]) == set(m) and results["seconds"]["addressable"]["distill"] > 0
+
+
+def test_cross_architecture_and_no_full_data(digits, tmp_path):
+    config = tiny(eval_archs=["convnet", "mlp"], full_data_epochs=0)
+    results = run_experiment(config, digits, str(tmp_path / "run"), progress=False)
+    assert results["archs"] == ["mlp", "convnet"]  # the distillation network first, once
+    assert set(results["methods"]) == {"addressable", "image", "random_real"}
+    for m in results["methods"].values():
+        assert set(m["archs"]) == {"mlp", "convnet"} and m["test"] == m["archs"]["mlp"]
+        assert len(m["archs"]["convnet"]["runs"]) == 1
+
+
+def test_dataset_preprocessing_must_match_the_config(digits, tmp_path):
+    with pytest.raises(ValueError, match="zca"):
+        run_experiment(tiny(zca=0.1), digits, str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_run_experiment_fails_before_writing(digits, tmp_path):

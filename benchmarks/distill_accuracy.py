@@ -1,0 +1,172 @@
+"""Run one distillation setting end to end and write its results rows.
+
+For a config (``configs/*.yaml``) this runs :func:`addrmem.distill.run_experiment`
+(the addressable memory, the ImageMemory baseline distilled the same way at
+the same budget, a random real subset at that budget and the full training
+set, each tested once by the same fresh networks) into ``--out`` and writes
+there, next to the run folder's own files:
+
+* ``rows.json``: one row per method and test architecture: dataset, IPC,
+  method, network, outer iterations, wall seconds (distillation +
+  testing of that method), device, test accuracy mean and std (%) over the
+  ``eval_nets`` networks, and the command that produced it;
+* ``curve.json`` and ``curve.png``: the learning curves, validation accuracy
+  (mean ± std over ``val_nets`` networks, %) against outer iteration and
+  training seconds, of both distilled memories (the random subset and the
+  full data, tested once, are drawn as horizontal lines); the PNG needs
+  matplotlib;
+
+and prints the rows as a Markdown table for ``benchmarks/RESULTS.md``. A run
+that is interrupted (or cut by a time limit) continues with the same command
+plus ``--resume``. A benchmark measures and prints: it never fails on
+accuracy.
+
+Usage (from the repository root)::
+
+    python benchmarks/distill_accuracy.py --config configs/mnist-ipc1-cpu.yaml --data-root DIR --out runs/m1
+    python benchmarks/distill_accuracy.py --config configs/cifar10-ipc1.yaml --data-root DIR \\
+        --device cuda --iterations 200 --out runs/c1          # then, after a cut: ... --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+try:
+    import addrmem  # noqa: F401  (puts the checkout on the path)
+except ImportError:  # run from a source checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import addrmem  # noqa: F401  (puts the checkout on the path)
+from addrmem.data import load_dataset
+from addrmem.distill import BASELINE_DIR, DistillConfig, run_experiment
+
+METHOD_NAMES = {"addressable": "addressable memory", "image": "ImageMemory", "random_real": "random real subset",
+                "full_data": "full data"}
+
+
+def results_rows(results: dict, command: str) -> list:
+    """One dict per (method, test architecture) of a results.json dict."""
+    rows = []
+    for method, m in results["methods"].items():
+        seconds = results["seconds"][method]["distill"] + results["seconds"][method]["test"]
+        for arch, acc in m["archs"].items():
+            rows.append({"dataset": results["dataset"], "ipc": results["ipc"], "method": METHOD_NAMES[method],
+                         "network": arch, "iterations": results["iterations"] if "iteration" in m else None,
+                         "wall_seconds": round(seconds, 1), "device": results["device"],
+                         "mean": round(acc["mean"], 2), "std": round(acc["std"], 2), "nets": len(acc["runs"]),
+                         "command": command})
+    return rows
+
+
+def learning_curves(run_dir: str) -> dict:
+    """{memory kind: [{"iteration", "seconds", "val_mean", "val_std"}, ...]}
+    from the log.jsonl files of a run folder (and of its baseline)."""
+    curves = {}
+    for folder in (run_dir, os.path.join(run_dir, BASELINE_DIR)):
+        log = os.path.join(folder, "log.jsonl")
+        if not os.path.isfile(log):
+            continue
+        kind = DistillConfig.from_yaml(os.path.join(folder, "config.yaml")).memory
+        with open(log) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        curves[kind] = [{"iteration": r["iteration"], "seconds": r.get("seconds", 0.0),
+                         "val_mean": r["val_mean"], "val_std": r["val_std"]} for r in records if "val_mean" in r]
+    return curves
+
+
+def plot_curves(curves: dict, results: dict, path: str) -> bool:
+    """Draw ``curves`` (and the references of ``results``) to ``path``;
+    False if matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, points in curves.items():
+        x = [p["iteration"] for p in points]
+        mean = [p["val_mean"] for p in points]
+        std = [p["val_std"] for p in points]
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=f"{METHOD_NAMES[kind]} (validation)")
+    for kind, style in (("random_real", ":"), ("full_data", "--")):
+        if kind in results["methods"]:
+            ax.axhline(results["methods"][kind]["test"]["mean"], linestyle=style, color="gray",
+                       label=f"{METHOD_NAMES[kind]} (test)")
+    ax.set_xlabel("outer iteration")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{results['dataset']}, IPC {results['ipc']}, {results['network']}, {results['device']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def markdown(rows: list) -> str:
+    lines = ["| dataset | IPC | method | network | outer iterations | wall s | device | test accuracy % |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dataset']} | {r['ipc']} | {r['method']} | {r['network']} | {r['iterations'] or '-'} | "
+              f"{r['wall_seconds']:.0f} | {r['device']} | {r['mean']:.2f} ± {r['std']:.2f} ({r['nets']} nets) |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Run a distillation config end to end and write its results rows, "
+                                            "learning curves (JSON, PNG) and a Markdown table.",
+                                epilog="See the module docstring for what is written.")
+    p.add_argument("--config", required=True, metavar="FILE.yaml", help="a config, e.g. configs/mnist-ipc1.yaml")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder (new, or the one to --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--data-root", metavar="DIR", help="folder holding the dataset's files")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset if missing")
+    p.add_argument("--device", help="torch device (default: the config's)")
+    p.add_argument("--iterations", type=int, metavar="N", help="outer iterations (default: the config's)")
+    p.add_argument("--seed", type=int, metavar="S", help="seed (default: the config's)")
+    p.add_argument("--eval-arch", metavar="NET,...", help="also test with these networks")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = "python benchmarks/distill_accuracy.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv) if a != "--resume")
+    overrides = {"data_root": args.data_root, "device": args.device, "iterations": args.iterations,
+                 "seed": args.seed,
+                 "eval_archs": args.eval_arch and [a.strip() for a in args.eval_arch.split(",") if a.strip()]}
+    try:
+        if args.resume:
+            config = DistillConfig.from_yaml(os.path.join(args.out, "config.yaml"))
+        else:
+            config = DistillConfig.from_yaml(args.config, **{k: v for k, v in overrides.items() if v is not None})
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        dataset = load_dataset(config.dataset, config.data_root, download=args.download, zca=config.zca)
+        results = run_experiment(config, dataset, args.out, resume=args.resume)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
+        print(f"distill_accuracy.py: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    rows = results_rows(results, command)
+    curves = learning_curves(args.out)
+    Path(args.out, "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
+    Path(args.out, "curve.json").write_text(json.dumps(curves, indent=1) + "\n")
+    plotted = plot_curves(curves, results, os.path.join(args.out, "curve.png"))
+    print(markdown(rows))
+    print(f"\ncommand: {command}")
+    print(f"wrote {args.out}/rows.json, curve.json" + (", curve.png" if plotted else
+                                                         " (no curve.png: pip install matplotlib)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
