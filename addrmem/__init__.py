@@ -5,6 +5,8 @@ A few shared bases plus learned addressing coefficients (Deng & Russakovsky,
 """
 
 from .augment import SiameseAugment, augment_per_image
+from .data import ZCA, Dataset, load_dataset
+from .distill import DistillConfig, default_config, evaluate, run_experiment
 from .hypergradient import hypergradient
 from .memory import AddressableMemory, ImageMemory, load_memory
 from .networks import MLP, NETWORKS, VGG11, AlexNet, ConvNet, ResNet18, make_network
@@ -16,17 +18,24 @@ __all__ = [
     "AddressableMemory",
     "AlexNet",
     "ConvNet",
+    "Dataset",
+    "DistillConfig",
     "ImageMemory",
     "MLP",
     "NETWORKS",
     "ResNet18",
     "SiameseAugment",
     "VGG11",
+    "ZCA",
     "augment_per_image",
     "build_info",
+    "default_config",
+    "evaluate",
     "hypergradient",
+    "load_dataset",
     "load_memory",
     "make_network",
+    "run_experiment",
     "synthesize",
     "synthesize_reference",
 ]

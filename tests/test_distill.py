@@ -247,6 +247,17 @@ def test_cross_architecture_and_no_full_data(digits, tmp_path):
         assert len(m["archs"]["convnet"]["runs"]) == 1
 
 
+def test_zca_is_saved_with_the_memory_and_undone_in_the_grids(tmp_path):
+    whitened = load_dataset("digits", zca=0.1)
+    run = tmp_path / "run"
+    run_experiment(tiny(zca=0.1, full_data_epochs=0), whitened, str(run), progress=False)
+    saved = load_memory(str(run / "memory.pt"))
+    zca = saved.extra["preprocessing"]["zca"]
+    assert zca["reg"] == 0.1 and torch.equal(zca["eigenvectors"], whitened.zca.state_dict()["eigenvectors"])
+    for name in ("recall.png", "bases.png"):
+        assert (run / name).stat().st_size > 100
+
+
 def test_dataset_preprocessing_must_match_the_config(digits, tmp_path):
     with pytest.raises(ValueError, match="zca"):
         run_experiment(tiny(zca=0.1), digits, str(tmp_path / "run"), progress=False)
