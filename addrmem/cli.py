@@ -25,6 +25,7 @@ from .networks import NETWORKS
 
 __all__ = ["main"]
 
+
 def _names(text: str) -> list:
     """'a,b' -> ['a', 'b']."""
     return [name.strip() for name in text.split(",") if name.strip()]
