@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: build the extension for the GPU at hand, run
 # the test suite (the CUDA tests run there), run the CUDA op tests under
-# compute-sanitizer, and benchmark the kernels. Logs and JSON go to $OUT
+# compute-sanitizer, and benchmark the kernels, one outer iteration and addrmem
+# against the official-style algorithm. Logs and JSON go to $OUT
 # (default ./gpu-out).
 #   TORCH_CUDA_ARCH_LIST=9.0 bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -25,3 +26,6 @@ compute-sanitizer --tool racecheck --error-exitcode 1 python3 -m pytest -q -x te
 echo "compute-sanitizer racecheck exit: $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/racecheck.log" | tail -3
 
 python3 benchmarks/kernel_speed.py --json "$OUT/kernel_speed.json" 2>&1 | tee "$OUT/kernel_speed.txt"
+python3 benchmarks/outer_step.py --device cuda --json "$OUT/outer_step.json" 2>&1 | tee "$OUT/outer_step.txt"
+python3 benchmarks/distill_speed.py --device cuda --fp64-reference --json "$OUT/distill_speed.json" 2>&1 \
+  | tee "$OUT/distill_speed.txt"
