@@ -101,7 +101,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import datetime
 import json
 import statistics
 import sys
@@ -112,16 +111,17 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
-    import addrmem
+    import addrmem  # noqa: F401
 except ImportError:  # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import addrmem
+    import addrmem  # noqa: F401
 from addrmem import hypergradient, make_network
 from addrmem.distill import derive_seed, make_outer_optimizer, outer_update
 from addrmem.networks import NETWORKS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from outer_step import DEFAULT, OFFICIAL, QUICK, Job, Stopwatch, device_name, fmt_bytes, fmt_time  # noqa: E402
+from outer_step import (DEFAULT, OFFICIAL, QUICK, Job, Stopwatch, device_name, fmt_bytes, fmt_time,  # noqa: E402
+                        run_info)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 IMPLEMENTATIONS = ("addrmem", "official")
@@ -442,17 +442,8 @@ def run(args, job: Job, iterations: int) -> int:
 
     if args.json:
         result = {
-            "setting": dataclasses.asdict(setting),
-            "memory": memory.config(),
-            "net_weights": net_params,
-            "device": device_name(device),
-            "device_type": device.type,
-            "torch": torch.__version__,
-            "build_info": addrmem.build_info(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "dtype": args.dtype,
+            **run_info(setting, memory, net_params, device, args.dtype, args.seed),
             "tf32": args.tf32,
-            "seed": args.seed,
             "iterations": iterations,
             "seconds_per_iteration": seconds,
             "runs": runs,

@@ -289,6 +289,22 @@ def print_table(wall: dict, profiled: dict) -> None:
         print(f"{label:<42}{fmt_time(wall.get(key)):>12}{fmt_time(profiled[key]):>12}{share:>9}")
 
 
+def run_info(setting: Setting, memory, net_params: int, device: torch.device, dtype: str, seed: int) -> dict:
+    """What a benchmark's JSON says about the job, the machine and the build."""
+    return {
+        "setting": dataclasses.asdict(setting),
+        "memory": memory.config(),
+        "net_weights": net_params,
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "build_info": addrmem.build_info(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dtype": dtype,
+        "seed": seed,
+    }
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -375,17 +391,8 @@ def main(argv=None) -> int:
         print("WARNING: the profile has no GPU-side ranges; the profiled CUDA times are CPU (launch) spans")
     if args.json:
         result = {
-            "setting": dataclasses.asdict(setting),
-            "memory": memory.config(),
-            "net_weights": net_params,
-            "device": device_name(device),
-            "device_type": device.type,
-            "torch": torch.__version__,
-            "build_info": addrmem.build_info(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "dtype": args.dtype,
+            **run_info(setting, memory, net_params, device, args.dtype, args.seed),
             "iterations": iterations,
-            "seed": args.seed,
             "seconds_per_iteration": wall["iteration"],
             "wall": {"median": wall, "runs": wall_runs},
             "profiled": {"median": prof, "runs": profiled_runs, "gpu_ranges": gpu_found},
