@@ -1,19 +1,20 @@
-"""Real datasets: loading, the fixed splits, preprocessing (METHOD.md §3.5, §12.3).
+"""Real datasets: loading, the fixed splits, preprocessing (docs/method.md, "Preprocessing").
 
 :func:`load_dataset` returns a :class:`Dataset` with three splits:
 
 * ``train``: what distillation and the baselines learn from;
 * ``val``: a seeded, per-class ``val_fraction`` (10 %) of the original training
-  set, used to monitor distillation and to choose the memory (METHOD.md §12.3);
+  set, used to monitor distillation and to choose the memory;
 * ``test``: the official test set (or, for datasets without one, a fixed,
   seeded, stratified hold-out), reported once at the end.
 
-Images are float32 (N, C, H, W), normalised per channel: with the official
-constants of METHOD.md §3.5 for mnist, fashionmnist, svhn, cifar10 and
+Images are float32 (N, C, H, W). Without ZCA they are normalised per channel:
+with the official code's constants for mnist, fashionmnist, svhn, cifar10 and
 cifar100, else with the mean and std of the ``train`` split. With ``zca > 0``
-they are then ZCA-whitened (:class:`ZCA`, fitted on ``train``).
-:meth:`Dataset.preprocessing` describes all this as plain data, saved with a
-distilled memory; :func:`to_display` undoes it for pictures.
+they are ZCA-whitened (:class:`ZCA`, fitted on ``train``) straight from their
+pixel values, without the per-channel normalisation, as the official code
+does. :meth:`Dataset.preprocessing` describes all this as plain data, saved
+with a distilled memory; :func:`to_display` undoes it for pictures.
 
 Datasets are registered by name in :data:`DATASETS`. Each entry is a function
 ``loader(root, download) -> RawData``; :func:`register_dataset` adds one.
@@ -28,7 +29,8 @@ Built in:
   ``test_32x32.mat``, ``cifar-10-batches-py/``, ``cifar-100-python/``);
   torchvision downloads them there only when ``download`` is true.
   ``cifar10`` also reads an ImageFolder copy (``root/train/<class>/<image>``
-  and ``root/test/<class>/<image>``), such as the shared JPEG copy.
+  and ``root/test/<class>/<image>``), e.g. CIFAR-10 exported as JPEG or PNG
+  files.
 * ``imagefolder``: any ``root/train/<class>/<image>`` and
   ``root/test/<class>/<image>`` tree: classes sorted by folder name, the same
   in both splits; every image the same size; RGB, or one channel when every
@@ -78,12 +80,18 @@ class RawData:
 
 
 class ZCA:
-    """KIP-style ZCA whitening (METHOD.md §3.5) of images with D = C·H·W values.
+    """KIP-style ZCA whitening of images with D = C·H·W values, as the official
+    code applies it (its ``preprocess``).
 
     Each image is flattened, centred on its own mean and divided by its L2
     norm; the result is multiplied by W = V·diag(1/√(λ + reg·mean λ))·Vᵀ, where
     V, λ are the eigenvectors and eigenvalues of the covariance (1/N)·XᵀX of
     the (centred, unit-norm) training images. CPU tensors.
+
+    The per-image centring and scaling make the result independent of any
+    per-image affine change of the pixels (0-255 or 0-1, say). The official
+    code decomposes with ``np.linalg.eig``; this uses ``torch.linalg.eigh``
+    (the covariance is symmetric), which gives the same matrix up to rounding.
     """
 
     def __init__(self, eigenvectors: torch.Tensor, eigenvalues: torch.Tensor, reg: float):
@@ -149,8 +157,10 @@ class Dataset:
 
     ``train``, ``val`` and ``test`` are (images (N, C, H, W) float32, labels
     (N,) int64); ``mean`` and ``std`` (C,) float32 are the per-channel
-    statistics the images were normalised with; ``zca`` is the whitening
-    applied after that (fitted on ``train``), or None.
+    statistics the images were normalised with (zeros and ones when ``zca``
+    is set: the whitening then replaces the normalisation); ``zca`` is the
+    whitening applied to the pixel values in [0, 1] (fitted on ``train``), or
+    None.
     """
 
     name: str
@@ -207,8 +217,8 @@ def register_dataset(name: str, loader: Callable[[str | None, bool], RawData], *
     folder (None when the user gave none) and ``download`` whether fetching the
     files is allowed. It should raise FileNotFoundError (files missing) or
     ValueError (files malformed) saying where the files belong. ``stats`` are
-    fixed per-channel (mean, std) to normalise with; None computes them from
-    the train split.
+    fixed per-channel (mean, std) to normalise with when there is no ZCA
+    whitening; None computes them from the train split.
     """
     DATASETS[name] = loader
     _STATS[name] = stats
@@ -221,10 +231,12 @@ def load_dataset(name: str, root: str | None = None, *, download: bool = False, 
     The validation split is a per-class ``val_fraction`` of the training set
     (at least one image per class) drawn with ``split_seed``; the splits are
     the same on every call with the same arguments. Images come back float32
-    (N, C, H, W), normalised per channel (the official constants, or the train
-    split's mean and std), then, if ``zca`` > 0, ZCA-whitened with
-    regularisation ``zca`` (fitted on the train split, applied to all three).
-    ``download`` lets torchvision fetch missing files into ``root``.
+    (N, C, H, W): with ``zca`` == 0, normalised per channel (the official
+    constants, or the train split's mean and std); with ``zca`` > 0,
+    ZCA-whitened with regularisation ``zca`` from their pixel values in [0, 1]
+    (fitted on the train split, applied to all three) and not normalised per
+    channel, as in the official code (whose whitening starts from the raw
+    pixels). ``download`` lets torchvision fetch missing files into ``root``.
 
     Raises ValueError for an unknown name, a bad ``val_fraction`` or ``zca``,
     or malformed files, and FileNotFoundError when the files are missing.
@@ -238,20 +250,21 @@ def load_dataset(name: str, root: str | None = None, *, download: bool = False, 
     raw = DATASETS[name](root, download)
     train_images, train_labels, val_images, val_labels = _split_validation(
         raw.train_images, raw.train_labels, len(raw.classes), val_fraction, split_seed)
-    train_images = _to_float(train_images)
+    splits = [_to_float(train_images), _to_float(val_images), _to_float(raw.test_images)]
+    channels = splits[0].shape[1]
+    whitening = None
     stats = _STATS.get(name)
-    if stats is None:
-        mean, std = train_images.mean(dim=(0, 2, 3)), train_images.std(dim=(0, 2, 3))
-    else:
-        mean, std = (torch.tensor(s, dtype=torch.float32) for s in stats)
-
-    def normalise(images):  # in place
-        return images.sub_(mean[:, None, None]).div_(std[:, None, None])
-
-    splits = [normalise(train_images), normalise(_to_float(val_images)), normalise(_to_float(raw.test_images))]
-    whitening = ZCA.fit(splits[0], zca) if zca > 0 else None
-    if whitening is not None:
+    if zca > 0:  # whitened from the pixels, as the official code: no per-channel normalisation
+        mean, std = torch.zeros(channels), torch.ones(channels)
+        whitening = ZCA.fit(splits[0], zca)
         splits = [whitening(images) for images in splits]
+    else:
+        if stats is None:
+            mean, std = splits[0].mean(dim=(0, 2, 3)), splits[0].std(dim=(0, 2, 3))
+        else:
+            mean, std = (torch.tensor(s, dtype=torch.float32) for s in stats)
+        for images in splits:  # in place
+            images.sub_(mean[:, None, None]).div_(std[:, None, None])
     return Dataset(
         name=name,
         train=(splits[0], train_labels),

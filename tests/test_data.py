@@ -6,6 +6,7 @@ import os
 import shutil
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 from torchvision.io import write_jpeg, write_png
@@ -13,7 +14,19 @@ from torchvision.io import write_jpeg, write_png
 from addrmem import data as data_module
 from addrmem.data import DATASETS, ZCA, Dataset, RawData, load_dataset, register_dataset, to_display
 
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+# Optional real data, in a folder beside the checkout (../shared/data, or $ADDRMEM_TEST_DATA); the tests
+# that need it are skipped when it is absent. To get the same files:
+# * mnist/: the four gzipped IDX files of MNIST (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,
+#   t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz), e.g. what
+#   `torchvision.datasets.MNIST(DIR, download=True)` leaves in DIR/MNIST/raw/;
+# * cifar10-jpeg.tar.gz: CIFAR-10 as an ImageFolder tree of 32x32 JPEG files (quality about 75),
+#   train/<class>/NNNN.jpg (5,000 per class) and test/<class>/NNNN.jpg (1,000 per class), the class
+#   folders named as torchvision's CIFAR10.classes, files numbered from 0000 in each folder, packed with
+#   `tar -czf cifar10-jpeg.tar.gz train test`. Make it from `torchvision.datasets.CIFAR10(DIR,
+#   download=True)` (train=True and train=False) by saving each image under its class with its index
+#   in that class (e.g. torchvision.io.write_jpeg(image, path, quality=75)).
+SHARED_DATA = os.environ.get("ADDRMEM_TEST_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                                                  "data")
 SHARED_MNIST = os.path.join(SHARED_DATA, "mnist")
 SHARED_CIFAR10 = os.path.join(SHARED_DATA, "cifar10-jpeg.tar.gz")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -360,14 +373,74 @@ def test_zca_inverse_and_state_dict(tmp_path):
 def test_load_dataset_whitens_every_split_with_the_train_fit(toy):
     plain, white = load_dataset(toy), load_dataset(toy, zca=0.1)
     assert plain.zca is None and isinstance(white.zca, ZCA)
-    assert torch.equal(white.mean, plain.mean) and torch.equal(white.std, plain.std)
-    refit = ZCA.fit(plain.train[0], 0.1)
+    # the whitening replaces the per-channel normalisation: it starts from the pixels in [0, 1]
+    assert torch.equal(white.mean, torch.zeros(2)) and torch.equal(white.std, torch.ones(2))
+
+    raw = _toy_loader(None, False)
+    train, _, val, _ = data_module._split_validation(raw.train_images, raw.train_labels, 3, 0.1, 0)
+    refit = ZCA.fit(train, 0.1)
     assert torch.allclose(white.zca.eigenvalues, refit.eigenvalues, atol=1e-10)
-    for (x, a), (y, b) in zip((plain.train, plain.val, plain.test), (white.train, white.val, white.test)):
+    for x, (y, a), b in zip((train, val, raw.test_images), (white.train, white.val, white.test),
+                            (plain.train[1], plain.val[1], plain.test[1])):
         assert torch.equal(a, b) and torch.allclose(y, refit(x), atol=1e-5)
     preprocessing = white.preprocessing()
-    assert preprocessing["mean"] == plain.mean.tolist() and preprocessing["zca"]["reg"] == 0.1
+    assert preprocessing["mean"] == [0.0, 0.0] and preprocessing["std"] == [1.0, 1.0]
+    assert preprocessing["zca"]["reg"] == 0.1
     assert plain.preprocessing() == {"mean": plain.mean.tolist(), "std": plain.std.tolist(), "zca": None}
+
+
+def _official_zca(train, test, reg):
+    """The official code's ``preprocess`` (KIP's), rewritten in numpy from its description: raw
+    uint8 images (N, H, W, C) -> flattened, each centred on its own mean and scaled to unit norm,
+    multiplied by V diag(1/sqrt(lambda + reg * mean lambda)) V^T from ``np.linalg.eig`` of the
+    training covariance (1/N) X^T X; returned (N, C, H, W) float64."""
+    flat = [x.reshape(len(x), -1).astype(np.float64) for x in (train, test)]
+    flat = [x - x.mean(axis=1, keepdims=True) for x in flat]
+    flat = [x / np.linalg.norm(x, axis=1, keepdims=True) for x in flat]
+    eigenvalues, eigenvectors = np.linalg.eig(flat[0].T @ flat[0] / len(flat[0]))
+    eigenvalues, eigenvectors = eigenvalues.real, eigenvectors.real
+    whitening = eigenvectors @ np.diag((eigenvalues + reg * eigenvalues.sum() / len(eigenvalues)) ** -0.5) \
+        @ eigenvectors.T
+    return [(x @ whitening).reshape(image.shape).transpose(0, 3, 1, 2) for x, image in zip(flat, (train, test))]
+
+
+@pytest.mark.parametrize("reg", [0.1, 100.0])
+def test_zca_matches_the_official_pipeline_on_raw_pixels(reg):
+    """CIFAR-like uint8 RGB images with the CIFAR-10 constants registered: load_dataset(zca=reg)
+    equals the official whitening of the raw pixels (which ignores the per-channel constants)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 256, (1, 3, 4, 4), generator=g).float()
+    train = (base * 0.5 + torch.randint(0, 128, (200, 3, 4, 4), generator=g)).clamp(0, 255).to(torch.uint8)
+    train[:, 2] //= 3  # channels with different statistics, where normalising first would differ
+    test = train[:20].flip(-1).contiguous()
+    labels = torch.arange(4).repeat(50)
+
+    def loader(root, download):
+        return RawData(train, labels, test, labels[:20], ["a", "b", "c", "d"])
+
+    cifar_stats = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+    register_dataset("toy-uint8", loader, stats=cifar_stats)
+    register_dataset("toy-uint8-other-stats", loader, stats=((0.1, 0.9, 0.5), (1.0, 0.2, 3.0)))
+    try:
+        white = load_dataset("toy-uint8", zca=reg)
+        other = load_dataset("toy-uint8-other-stats", zca=reg)
+        normalised = load_dataset("toy-uint8")
+    finally:
+        del DATASETS["toy-uint8"], DATASETS["toy-uint8-other-stats"]
+    # the official code fits on its whole training set; addrmem on the train split (no validation images)
+    kept, _, _, _ = data_module._split_validation(torch.arange(len(labels)), labels, 4, 0.1, 0)
+    nhwc = train.permute(0, 2, 3, 1).numpy()
+    expected_train, expected_test = _official_zca(nhwc[kept.numpy()], test.permute(0, 2, 3, 1).numpy(), reg)
+    for got, expected in ((white.train[0], expected_train), (white.test[0], expected_test)):
+        expected = torch.from_numpy(expected)
+        assert torch.allclose(got.double(), expected, atol=1e-4 * float(expected.abs().max()))
+    assert torch.equal(white.train[0], other.train[0]) and torch.equal(white.test[0], other.test[0])
+    assert white.preprocessing()["mean"] == [0.0] * 3 and white.preprocessing()["std"] == [1.0] * 3
+    # whitening the per-channel-normalised images instead (addrmem before) gives other images
+    before = ZCA.fit(normalised.train[0], reg)(normalised.test[0]).double()
+    assert (before - torch.from_numpy(expected_test)).norm() > 0.01 * before.norm()
+    shown = to_display(white.test[0], white.preprocessing())
+    assert shown.shape == (20, 3, 4, 4) and shown.min() >= 0 and shown.max() <= 1
 
 
 def test_to_display_in_unit_range(toy):
@@ -379,8 +452,7 @@ def test_to_display_in_unit_range(toy):
         assert torch.equal(shown, data.denormalize(data.test[0]))
     per_image = to_display(white.test[0], white.preprocessing()).flatten(1).aminmax(dim=1)
     assert torch.allclose(per_image.min, torch.zeros(6)) and torch.allclose(per_image.max, torch.ones(6))
-    # with ZCA, what is shown is the image up to its own brightness and contrast (both channels of
-    # the toy images have about the same statistics, so the per-channel normalisation hardly matters)
+    # with ZCA, what is shown is the image up to its own brightness and contrast
     original = _toy_loader(None, False).test_images.flatten(1)
     shown = to_display(white.test[0], white.preprocessing()).flatten(1)
     assert all(torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.99 for a, b in zip(shown, original))
