@@ -1,5 +1,6 @@
-// Launches the CUDA kernels of addrmem::synthesize (synthesize_kernels.cuh)
-// and registers them for the op's schema (synthesize.cpp).
+// Launches the CUDA kernels of addrmem::synthesize (synthesize_kernels.cuh,
+// which also documents their launch shapes) and registers them for the op's
+// schema (synthesize.cpp). The backward's two GEMMs run here, through ATen.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -7,11 +8,37 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <climits>
+
 #include "synthesize.h"
 #include "synthesize_kernels.cuh"
 
 namespace addrmem {
 namespace {
+
+// The `launch` functor of synthesize_kernels.cuh: kThreads threads per block
+// on the current stream. Dynamic shared memory above the default 48 KB (only
+// the adjoint at scales past 51 for double, 102 for float) needs an opt-in.
+struct Launch {
+  cudaStream_t stream;
+  template <typename... Params, typename... Args>
+  void operator()(void (*kernel)(Params...), int64_t blocks, size_t smem, Args... args) const {
+    if (blocks == 0) return;
+    TORCH_CHECK(blocks < (int64_t{1} << 31), "addrmem::synthesize: too many blocks for one launch");
+    if (smem > 48 * 1024) {
+      int device = 0, most = 0;
+      C10_CUDA_CHECK(cudaGetDevice(&device));
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+      TORCH_CHECK(smem <= static_cast<size_t>(most), "addrmem::synthesize: the scale is too large for the CUDA kernels (",
+                  smem, " bytes of shared memory, at most ", most, ")");
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    }
+    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(args...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+const int64_t* index_ptr(const at::Tensor& idx) { return idx.defined() ? idx.const_data_ptr<int64_t>() : nullptr; }
 
 at::Tensor synthesize_cuda(const at::Tensor& addresses, const at::Tensor& bases,
                            const c10::optional<at::Tensor>& index, int64_t scale) {
@@ -22,21 +49,19 @@ at::Tensor synthesize_cuda(const at::Tensor& addresses, const at::Tensor& bases,
   const at::Tensor idx = index.has_value() ? index->contiguous() : at::Tensor();
   at::Tensor out = at::empty({g.N, g.C, g.H, g.W}, A.options());
   if (g.N == 0) return out;
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "synthesize_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const ForwardLaunch l = forward_launch<acc_t>(g);
-    TORCH_CHECK(l.blocks < (int64_t{1} << 31), "addrmem::synthesize: too many rows for one launch");
-    synthesize_forward_kernel<scalar_t, acc_t, rows_per_block<acc_t>()>
-        <<<static_cast<unsigned>(l.blocks), kThreads, l.smem, c10::cuda::getCurrentCUDAStream()>>>(
-            A.const_data_ptr<scalar_t>(), B.const_data_ptr<scalar_t>(),
-            idx.defined() ? idx.const_data_ptr<int64_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), g,
-            l.tiles_y, l.tiles_x);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_forward<scalar_t, at::opmath_type<scalar_t>>(Launch{c10::cuda::getCurrentCUDAStream()},
+                                                        A.const_data_ptr<scalar_t>(), B.const_data_ptr<scalar_t>(),
+                                                        index_ptr(idx), out.mutable_data_ptr<scalar_t>(), g);
   });
   return out;
 }
 
+// Deterministic: the kernels use no float atomics, and cuBLAS GEMMs give
+// bit-identical results for fixed shapes on one stream and GPU (with several
+// streams, set CUBLAS_WORKSPACE_CONFIG as PyTorch's reproducibility notes say).
+// The GEMMs run in the accumulation type (float for half, bfloat16 and float)
+// and follow torch.backends.cuda.matmul's settings, TF32 included.
 std::tuple<at::Tensor, at::Tensor> synthesize_backward_cuda(const at::Tensor& grad_out, const at::Tensor& addresses,
                                                             const at::Tensor& bases,
                                                             const c10::optional<at::Tensor>& index, int64_t scale) {
@@ -47,39 +72,34 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cuda(const at::Tensor& gr
   const at::Tensor A = addresses.contiguous();
   const at::Tensor B = bases.contiguous();
   const at::Tensor idx = index.has_value() ? index->contiguous() : at::Tensor();
-  at::Tensor grad_bases = at::empty_like(B);
-  at::Tensor grad_rows = at::empty({g.N, g.K}, A.options().dtype(at::toOpMathType(A.scalar_type())));
-  if (g.N == 0) {
-    grad_bases.zero_();
+  if (g.N == 0) return {at::zeros({g.R, g.K}, A.options()), at::zeros(B.sizes(), B.options())};
+  TORCH_CHECK(g.N < INT_MAX, "addrmem::synthesize_backward: at most ", INT_MAX - 1, " indexed rows");
+  const auto acc_options = A.options().dtype(at::toOpMathType(A.scalar_type()));
+  const Launch launch{c10::cuda::getCurrentCUDAStream()};
+
+  // G_low (N, D): the adjoint of the upsampling (the identity at scale 1).
+  at::Tensor low;
+  if (g.s == 1) {
+    low = G.view({g.N, g.D}).to(acc_options.dtype());
   } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "synthesize_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      int sms = 0;
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, addresses.get_device()));
-      const BackwardLaunch l = backward_launch<acc_t>(g, sms);
-      TORCH_CHECK(l.blocks < (int64_t{1} << 31), "addrmem::synthesize_backward: too many blocks for one launch");
-      at::Tensor bases_part = at::empty({l.slices, g.K, g.D}, grad_rows.options());
-      at::Tensor rows_part = at::empty({l.pix_tiles, g.N, g.K}, grad_rows.options());
-      const auto stream = c10::cuda::getCurrentCUDAStream();
-      synthesize_backward_kernel<scalar_t, acc_t, rows_per_block<acc_t>()>
-          <<<static_cast<unsigned>(l.blocks), kThreads, 0, stream>>>(
-              G.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), B.const_data_ptr<scalar_t>(),
-              idx.defined() ? idx.const_data_ptr<int64_t>() : nullptr, bases_part.mutable_data_ptr<acc_t>(),
-              rows_part.mutable_data_ptr<acc_t>(), g, l.pix_tiles, l.base_tiles, l.rows_per_slice);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      synthesize_reduce_kernel<scalar_t, acc_t><<<static_cast<unsigned>(l.reduce_blocks), kThreads, 0, stream>>>(
-          bases_part.const_data_ptr<acc_t>(), rows_part.const_data_ptr<acc_t>(),
-          grad_bases.mutable_data_ptr<scalar_t>(), grad_rows.mutable_data_ptr<acc_t>(), l.slices, l.pix_tiles,
-          g.K * g.D, g.N * g.K);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    low = at::empty({g.N, g.D}, acc_options);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "synthesize_adjoint_cuda", [&] {
+      launch_adjoint<scalar_t>(launch, G.const_data_ptr<scalar_t>(), low.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+                               g);
     });
   }
-  // Each row's address gradient, added to its address row; index_put_'s CUDA
-  // kernel with accumulate=true sorts the indices and is deterministic.
-  at::Tensor grad_addresses =
-      idx.defined() ? at::zeros({g.R, g.K}, grad_rows.options()).index_put_({idx}, grad_rows, /*accumulate=*/true)
-                    : grad_rows;
-  return {grad_addresses.to(A.scalar_type()), grad_bases};
+  const at::Tensor rows = (idx.defined() ? A.index_select(0, idx) : A).to(acc_options.dtype());
+  const at::Tensor grad_rows = at::mm(low, B.view({g.K, g.D}).to(acc_options.dtype()).t());  // (N, K)
+  at::Tensor grad_bases = at::mm(rows.t(), low).to(A.scalar_type()).view(B.sizes());      // (K, D)
+  if (!idx.defined()) return {grad_rows.to(A.scalar_type()), grad_bases};
+
+  at::Tensor grad_addresses = at::empty({g.R, g.K}, A.options());
+  const at::Tensor counts = at::zeros({2 * g.R}, A.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "synthesize_index_rows_cuda", [&] {
+    launch_index_rows<scalar_t>(launch, grad_rows.const_data_ptr<at::opmath_type<scalar_t>>(), index_ptr(idx),
+                                counts.mutable_data_ptr<int>(), grad_addresses.mutable_data_ptr<scalar_t>(), g);
+  });
+  return {grad_addresses, grad_bases};
 }
 
 }  // namespace

@@ -1,69 +1,199 @@
-// The CUDA kernels of addrmem::synthesize and their launch shapes (launched
-// from synthesize_cuda.cu; schema and CPU kernels: synthesize.cpp). Free of
-// ATen, so that tests/emulate_cuda.cpp can also run them as host code.
+// The CUDA kernels of addrmem::synthesize, their launch shapes and the host
+// functions that launch them (called from synthesize_cuda.cu; schema and CPU
+// kernels: synthesize.cpp). Free of ATen, so that tests/emulate_cuda.cpp runs
+// the very same kernels and launch sequence as host code: each launch goes
+// through a `launch(kernel, blocks, smem, args...)` functor that the .cu file
+// and the emulator each define. All kernels use kThreads threads per block and
+// a 1-D grid; indices inside a block are int32, offsets into global memory
+// int64.
 //
-// Forward, one launch: each block owns TN rows and one channel's tile of
-// kTileY x kTileX output pixels. It forms the low-resolution values the tile
-// reads (the tile's footprint, at most 9 x 65 pixels) in shared memory, then
-// writes the upsampled tile with coalesced stores. The low-resolution
-// intermediate never reaches global memory.
+// Forward, one launch:
+//  - scale 1, synthesize_flat_kernel: block = TN rows x kFlatTile consecutive
+//    elements of the flattened (C*h*w) image; each thread owns kVec
+//    consecutive elements for all TN rows (TN x kVec accumulators).
+//  - scale > 1, synthesize_tiled_kernel: block = TN rows x one channel's tile
+//    of kTileY x kTileX output pixels. Phase 1 forms the tile's low-resolution
+//    footprint (at most (ceil(7/s)+2) x (ceil(63/s)+2) <= 6 x 34 pixels) for
+//    all TN rows in dynamic shared memory (<= 16 KB); phase 2 upsamples it:
+//    each thread owns a fixed output row and kVec fixed output columns, whose
+//    taps it computes once, and loops over every other of the TN rows.
+//    The low-resolution images never reach global memory.
+//  Both write kVec outputs with one vector store when the row length and the
+//  pointers allow it (checked at launch, a scalar path otherwise).
 //
-// Backward, two launches, deterministic (no float atomics):
-//  1. each block owns kPixTile low-resolution pixels x kBaseTile bases and a
-//     slice of the rows; per chunk of TN rows it gathers the low-resolution
-//     gradient (the adjoint of the upsampling, read from grad_out on the fly)
-//     into shared memory, accumulates grad_bases in registers and leaves each
-//     row's address-gradient share (a warp reduction over its pixels) in a
-//     workspace;
-//  2. a reduction sums the workspace in a fixed order: grad_bases over row
-//     slices, address gradients over pixel tiles.
-// With an index, the per-row address gradients are added to their rows with
-// index_put_(accumulate=true), whose CUDA kernel sorts the indices and is
-// deterministic.
+// Backward (the GEMMs run through ATen in synthesize_cuda.cu):
+//  1. synthesize_adjoint_kernel (scale > 1): the adjoint of the upsampling,
+//     separable, into the low-resolution gradient G_low (N, C*h*w) in the
+//     accumulation type. Block = one (n, c) plane's tile of kLowY x kLowX
+//     low-resolution pixels, one per thread (warp = row, lane = column). Per
+//     chunk of kLowY output rows, each warp reduces one output row along x into
+//     shared memory, then each thread reduces the chunk along y. The per-axis
+//     adjoint weights are computed once per block into shared memory.
+//  2. grad_rows = G_low . B^T and grad_bases = A_rows^T . G_low: two GEMMs.
+//  3. With an index, index_count_kernel (one thread per synthesized row)
+//     counts each address row's occurrences and finds its first, then
+//     index_rows_kernel (one warp per address row) sums the row's gradients in
+//     index order: a copy when the row occurs once, a scan of the index after
+//     the first occurrence when it repeats. No float atomics anywhere: the
+//     backward is deterministic.
+// Index ranges are checked in the kernels with device-side asserts
+// (CUDA_KERNEL_ASSERT, as PyTorch's indexing kernels do).
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 
 #include "geometry.h"
 
-// The forward kernel's dynamic shared memory (the emulator defines its own).
+// The kernels' dynamic shared memory (the emulator defines its own).
 #ifndef ADDRMEM_DYNAMIC_SMEM
 #define ADDRMEM_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+// Called with every vector load or store address (the emulator checks alignment).
+#ifndef ADDRMEM_CHECK_VECTOR
+#define ADDRMEM_CHECK_VECTOR(ptr)
 #endif
 
 namespace addrmem {
 
 constexpr int kThreads = 256;
-// Forward tile: output rows x output columns of one channel, and the chunk of
-// bases whose coefficients are staged in shared memory at a time.
+constexpr int kWarps = kThreads / 32;
+// Consecutive output elements per thread: one vector store when aligned.
+constexpr int kVec = 4;
+// Scale 1: flattened image elements per block.
+constexpr int kFlatTile = kThreads * kVec;
+// Scale > 1: output tile of one channel; 16 column groups x 8 rows x 2 row
+// parities = kThreads threads in phase 2.
 constexpr int kTileY = 8;
 constexpr int kTileX = 64;
+constexpr int kColumnGroups = kTileX / kVec;
+constexpr int kRowParities = kThreads / (kColumnGroups * kTileY);
+static_assert(kColumnGroups * kTileY * kRowParities == kThreads, "phase 2 uses every thread once");
+// Bases whose coefficients are staged in shared memory at a time.
 constexpr int kBaseChunk = 32;
-// Backward tile: 32 lanes x 4 low-resolution pixels, 8 warps x 8 bases.
-constexpr int kPixPerLane = 4;
-constexpr int kPixTile = 32 * kPixPerLane;
-constexpr int kBasesPerWarp = 8;
-constexpr int kBaseTile = (kThreads / 32) * kBasesPerWarp;
+// Adjoint tile: kLowY rows (one per warp) x kLowX columns (one per lane).
+constexpr int kLowY = kWarps;
+constexpr int kLowX = 32;
+// Address columns per lane per pass in index_rows_kernel.
+constexpr int kRowsPerLane = 4;
 
-// Rows per block: fewer for double so that shared memory stays under 48 KB.
+// Rows per block: fewer for double so that registers and shared memory stay
+// within the same budget.
 template <typename acc_t>
 constexpr int rows_per_block() {
   return sizeof(acc_t) == 8 ? 8 : 16;
 }
 
-__host__ __device__ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+// kVec elements, aligned to their size: one 8-, 16- or (double: two) 16-byte
+// access. Only used on addresses that are multiples of alignof(Vec<T>).
+template <typename T>
+struct alignas(sizeof(T) * kVec) Vec {
+  T v[kVec];
+};
 
-__device__ __forceinline__ int64_t row_of(const int64_t* idx, int64_t n) { return idx ? idx[n] : n; }
+inline bool vector_aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+__host__ __device__ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// rows[t] = the address row of synthesized row n0 + t (-1 past the end),
+// written by threads t < TN; the caller synchronises before reading it.
+template <int TN>
+__device__ __forceinline__ void load_rows(int64_t* rows, const int64_t* idx, int64_t n0, const Geometry& g) {
+  if (threadIdx.x < TN) {
+    const int64_t n = n0 + threadIdx.x;
+    int64_t r = -1;
+    if (n < g.N) {
+      r = idx ? idx[n] : n;
+      CUDA_KERNEL_ASSERT(r >= 0 && r < g.R && "addrmem::synthesize: index out of range");
+    }
+    rows[threadIdx.x] = r;
+  }
+}
+
+// coef[kk][t] = A[rows[t], k0 + kk] for kk < kc (0 elsewhere). Consecutive
+// threads read consecutive coefficients of one row (coalesced).
+template <typename scalar_t, typename acc_t, int TN>
+__device__ __forceinline__ void stage_coef(acc_t (*coef)[TN], const int64_t* rows, const scalar_t* A, int64_t k0,
+                                           int kc, int64_t K) {
+  for (int e = threadIdx.x; e < kBaseChunk * TN; e += kThreads) {
+    const int t = e / kBaseChunk, kk = e % kBaseChunk;
+    const int64_t r = rows[t];
+    coef[kk][t] = (kk < kc && r >= 0) ? static_cast<acc_t>(A[r * K + k0 + kk]) : acc_t(0);
+  }
+}
+
+// Scale 1: out[n, p] = sum_k A[row n, k] B[k, p]. `vec`: D is a multiple of
+// kVec and B and out are Vec-aligned, so every thread's kVec elements are one
+// aligned vector in B's rows and in out's rows.
+template <typename scalar_t, typename acc_t, int TN>
+__global__ void __launch_bounds__(kThreads)
+    synthesize_flat_kernel(const scalar_t* __restrict__ A, const scalar_t* __restrict__ B,
+                           const int64_t* __restrict__ idx, scalar_t* __restrict__ out, Geometry g,
+                           int64_t d_tiles, bool vec) {
+  __shared__ acc_t coef[kBaseChunk][TN];
+  __shared__ int64_t rows[TN];
+  const int64_t n0 = (blockIdx.x / d_tiles) * TN;
+  const int64_t p = (blockIdx.x % d_tiles) * kFlatTile + threadIdx.x * kVec;
+  load_rows<TN>(rows, idx, n0, g);
+
+  acc_t acc[TN][kVec];
+#pragma unroll
+  for (int t = 0; t < TN; ++t)
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) acc[t][v] = acc_t(0);
+  for (int64_t k0 = 0; k0 < g.K; k0 += kBaseChunk) {
+    const int kc = static_cast<int>(imin(kBaseChunk, g.K - k0));
+    __syncthreads();  // rows[] written; the previous chunk's coef[] consumed
+    stage_coef<scalar_t, acc_t, TN>(coef, rows, A, k0, kc, g.K);
+    __syncthreads();
+    if (p >= g.D) continue;
+    for (int kk = 0; kk < kc; ++kk) {
+      const scalar_t* bk = B + (k0 + kk) * g.D + p;
+      acc_t b[kVec];
+      if (vec) {
+        ADDRMEM_CHECK_VECTOR(bk);
+        const Vec<scalar_t> bv = *reinterpret_cast<const Vec<scalar_t>*>(bk);
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) b[v] = static_cast<acc_t>(bv.v[v]);
+      } else {
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) b[v] = p + v < g.D ? static_cast<acc_t>(bk[v]) : acc_t(0);
+      }
+#pragma unroll
+      for (int t = 0; t < TN; ++t)
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) acc[t][v] += coef[kk][t] * b[v];
+    }
+  }
+  if (p >= g.D) return;
+#pragma unroll
+  for (int t = 0; t < TN; ++t) {
+    if (n0 + t >= g.N) break;
+    scalar_t* o = out + (n0 + t) * g.D + p;
+    if (vec) {
+      Vec<scalar_t> ov;
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) ov.v[v] = static_cast<scalar_t>(acc[t][v]);
+      ADDRMEM_CHECK_VECTOR(o);
+      *reinterpret_cast<Vec<scalar_t>*>(o) = ov;
+    } else {
+#pragma unroll
+      for (int v = 0; v < kVec; ++v)
+        if (p + v < g.D) o[v] = static_cast<scalar_t>(acc[t][v]);
+    }
+  }
+}
 
 // Low-resolution footprint [first, last] of output coordinates [a, b).
 template <typename acc_t>
 __host__ __device__ inline void footprint(int64_t a, int64_t b, int64_t in_size, int64_t s, int64_t& first,
                                           int64_t& last) {
-  int64_t i0, i1;
+  int64_t unused;
   acc_t l1;
-  source_index<acc_t>(a, in_size, s, first, i1, l1);
-  source_index<acc_t>(b - 1, in_size, s, i0, last, l1);
+  source_index<acc_t>(a, in_size, s, first, unused, l1);
+  source_index<acc_t>(b - 1, in_size, s, unused, last, l1);
 }
 
 // The largest footprint over all tiles of one axis.
@@ -78,14 +208,16 @@ inline int64_t max_footprint(int64_t out_size, int64_t in_size, int64_t s, int64
   return most;
 }
 
+// Scale > 1. `vec`: W is a multiple of kVec and out is Vec-aligned, so each
+// thread's kVec columns (X is a multiple of kVec) are one aligned vector.
 template <typename scalar_t, typename acc_t, int TN>
 __global__ void __launch_bounds__(kThreads)
-    synthesize_forward_kernel(const scalar_t* __restrict__ A, const scalar_t* __restrict__ B,
-                              const int64_t* __restrict__ idx, scalar_t* __restrict__ out, Geometry g,
-                              int64_t tiles_y, int64_t tiles_x) {
+    synthesize_tiled_kernel(const scalar_t* __restrict__ A, const scalar_t* __restrict__ B,
+                            const int64_t* __restrict__ idx, scalar_t* __restrict__ out, Geometry g,
+                            int64_t tiles_y, int64_t tiles_x, bool vec) {
   ADDRMEM_DYNAMIC_SMEM(smem);
-  acc_t* coef = reinterpret_cast<acc_t*>(smem);  // [kBaseChunk][TN]
-  acc_t* low = coef + kBaseChunk * TN;           // [TN][rows * cols]
+  acc_t* low = reinterpret_cast<acc_t*>(smem);  // [TN][npix]
+  __shared__ acc_t coef[kBaseChunk][TN];
   __shared__ int64_t rows[TN];
 
   int64_t block = blockIdx.x;
@@ -95,237 +227,264 @@ __global__ void __launch_bounds__(kThreads)
   block /= tiles_y;
   const int64_t c = block % g.C;
   const int64_t n0 = (block / g.C) * TN;
-
-  const int64_t Y0 = ty * kTileY, Y1 = imin(Y0 + kTileY, g.H);
-  const int64_t X0 = tx * kTileX, X1 = imin(X0 + kTileX, g.W);
+  const int64_t Y0 = ty * kTileY, X0 = tx * kTileX;
+  const int64_t X1 = imin(X0 + kTileX, g.W);
   int64_t ry0, ry1, rx0, rx1;
-  footprint<acc_t>(Y0, Y1, g.h, g.s, ry0, ry1);
+  footprint<acc_t>(Y0, imin(Y0 + kTileY, g.H), g.h, g.s, ry0, ry1);
   footprint<acc_t>(X0, X1, g.w, g.s, rx0, rx1);
-  const int64_t ncols = rx1 - rx0 + 1;
-  const int64_t npix = (ry1 - ry0 + 1) * ncols;
+  const int ncols = static_cast<int>(rx1 - rx0 + 1);
+  const int npix = static_cast<int>(ry1 - ry0 + 1) * ncols;
+  load_rows<TN>(rows, idx, n0, g);
 
-  if (threadIdx.x < TN) {
-    const int64_t n = n0 + threadIdx.x;
-    rows[threadIdx.x] = n < g.N ? row_of(idx, n) : -1;
-  }
-
-  // Phase 1: low[tn][p] = sum_k A[row tn, k] * B[k, c, footprint pixel p].
+  // Phase 1: low[t][p] = sum_k A[row t, k] * B[k, c, footprint pixel p].
   const scalar_t* Bc = B + c * g.h * g.w;
-  for (int64_t base = 0; base < npix; base += kThreads) {
-    const int64_t p = base + threadIdx.x;
+  for (int base = 0; base < npix; base += kThreads) {
+    const int p = base + threadIdx.x;
     const bool active = p < npix;
     const int64_t offset = active ? (ry0 + p / ncols) * g.w + rx0 + p % ncols : 0;
     acc_t acc[TN];
 #pragma unroll
-    for (int tn = 0; tn < TN; ++tn) acc[tn] = acc_t(0);
+    for (int t = 0; t < TN; ++t) acc[t] = acc_t(0);
     for (int64_t k0 = 0; k0 < g.K; k0 += kBaseChunk) {
       const int kc = static_cast<int>(imin(kBaseChunk, g.K - k0));
-      __syncthreads();  // rows[] written; previous chunk's coef[] consumed
-      for (int e = threadIdx.x; e < kBaseChunk * TN; e += kThreads) {
-        const int kk = e / TN, tn = e % TN;
-        const int64_t r = rows[tn];
-        coef[e] = (kk < kc && r >= 0) ? static_cast<acc_t>(A[r * g.K + k0 + kk]) : acc_t(0);
-      }
+      __syncthreads();  // rows[] written; the previous chunk's coef[] consumed
+      stage_coef<scalar_t, acc_t, TN>(coef, rows, A, k0, kc, g.K);
       __syncthreads();
       if (active) {
+        const scalar_t* bk = Bc + k0 * g.D + offset;
         for (int kk = 0; kk < kc; ++kk) {
-          const acc_t b = static_cast<acc_t>(Bc[(k0 + kk) * g.D + offset]);
+          const acc_t b = static_cast<acc_t>(bk[kk * g.D]);
 #pragma unroll
-          for (int tn = 0; tn < TN; ++tn) acc[tn] += coef[kk * TN + tn] * b;
+          for (int t = 0; t < TN; ++t) acc[t] += coef[kk][t] * b;
         }
       }
     }
     if (active) {
 #pragma unroll
-      for (int tn = 0; tn < TN; ++tn) low[tn * npix + p] = acc[tn];
+      for (int t = 0; t < TN; ++t) low[t * npix + p] = acc[t];
     }
   }
   __syncthreads();
 
-  // Phase 2: bilinear upsampling of the footprint, one output pixel a thread.
-  const int64_t ny = Y1 - Y0, nx = X1 - X0;
-  const int64_t count = TN * ny * nx;
-  for (int64_t e = threadIdx.x; e < count; e += kThreads) {
-    const int64_t X = X0 + e % nx;
-    const int64_t Y = Y0 + (e / nx) % ny;
-    const int tn = static_cast<int>(e / (nx * ny));
-    const int64_t n = n0 + tn;
-    if (n >= g.N) continue;
-    int64_t y0, y1, x0, x1;
-    acc_t ly, lx;
-    source_index<acc_t>(Y, g.h, g.s, y0, y1, ly);
-    source_index<acc_t>(X, g.w, g.s, x0, x1, lx);
-    const acc_t* L = low + tn * npix;
-    const acc_t* r0 = L + (y0 - ry0) * ncols;
-    const acc_t* r1 = L + (y1 - ry0) * ncols;
-    x0 -= rx0;
-    x1 -= rx0;
-    const acc_t top = (acc_t(1) - lx) * r0[x0] + lx * r0[x1];
-    const acc_t bottom = (acc_t(1) - lx) * r1[x0] + lx * r1[x1];
-    out[((n * g.C + c) * g.H + Y) * g.W + X] = static_cast<scalar_t>((acc_t(1) - ly) * top + ly * bottom);
+  // Phase 2: this thread's output row Y and columns X..X+kVec-1, for rows
+  // t = parity, parity + kRowParities, ... of the block.
+  const int64_t X = X0 + (threadIdx.x % kColumnGroups) * kVec;
+  const int64_t Y = Y0 + (threadIdx.x / kColumnGroups) % kTileY;
+  const int parity = threadIdx.x / (kColumnGroups * kTileY);
+  if (Y >= g.H || X >= X1) return;
+  // The taps, with ATen's weights (1 - l1, l1) and order of operations.
+  int64_t i0, i1;
+  acc_t ly1, lx1[kVec], lx0[kVec];
+  source_index<acc_t>(Y, g.h, g.s, i0, i1, ly1);
+  const acc_t ly0 = acc_t(1) - ly1;
+  const int top = static_cast<int>(i0 - ry0) * ncols, bottom = static_cast<int>(i1 - ry0) * ncols;
+  int x0[kVec], x1[kVec];
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) {  // columns past the row's end get the last column's taps, unstored
+    source_index<acc_t>(imin(X + v, g.W - 1), g.w, g.s, i0, i1, lx1[v]);
+    lx0[v] = acc_t(1) - lx1[v];
+    x0[v] = static_cast<int>(i0 - rx0);
+    x1[v] = static_cast<int>(i1 - rx0);
   }
-}
-
-// Kernel 1 of the backward. Block (pixel tile, base tile, row slice).
-// Writes grad_bases_part[slice][k][d] and grad_rows_part[pixel tile][n][k].
-template <typename scalar_t, typename acc_t, int TN>
-__global__ void __launch_bounds__(kThreads)
-    synthesize_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ A,
-                               const scalar_t* __restrict__ B, const int64_t* __restrict__ idx,
-                               acc_t* __restrict__ grad_bases_part, acc_t* __restrict__ grad_rows_part,
-                               Geometry g, int64_t pix_tiles, int64_t base_tiles, int64_t rows_per_slice) {
-  __shared__ acc_t coef[TN][kBaseTile];
-  __shared__ acc_t gl[TN][kPixTile];
-
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int64_t block = blockIdx.x;
-  const int64_t pt = block % pix_tiles;
-  block /= pix_tiles;
-  const int64_t kt = block % base_tiles;
-  const int64_t slice = block / base_tiles;
-  const int64_t p0 = pt * kPixTile, k0 = kt * kBaseTile;
-  const int64_t n_begin = slice * rows_per_slice;
-  const int64_t n_end = imin(n_begin + rows_per_slice, g.N);
-
-  // This thread's pixels p0 + lane + 32 j and bases k0 + warp + 8 i.
-  acc_t bases[kBasesPerWarp][kPixPerLane];
-  acc_t acc[kBasesPerWarp][kPixPerLane];
+  for (int t = parity; t < TN; t += kRowParities) {
+    const int64_t n = n0 + t;
+    if (n >= g.N) break;
+    const acc_t* L = low + t * npix;
+    acc_t value[kVec];
 #pragma unroll
-  for (int i = 0; i < kBasesPerWarp; ++i) {
-    const int64_t k = k0 + warp + 8 * i;
-#pragma unroll
-    for (int j = 0; j < kPixPerLane; ++j) {
-      const int64_t p = p0 + lane + 32 * j;
-      bases[i][j] = (k < g.K && p < g.D) ? static_cast<acc_t>(B[k * g.D + p]) : acc_t(0);
-      acc[i][j] = acc_t(0);
+    for (int v = 0; v < kVec; ++v) {
+      const acc_t up = lx0[v] * L[top + x0[v]] + lx1[v] * L[top + x1[v]];
+      const acc_t down = lx0[v] * L[bottom + x0[v]] + lx1[v] * L[bottom + x1[v]];
+      value[v] = ly0 * up + ly1 * down;
     }
-  }
-
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += TN) {
-    __syncthreads();  // the previous chunk's shared tiles are consumed
-    for (int e = threadIdx.x; e < TN * kBaseTile; e += kThreads) {
-      const int tn = e / kBaseTile, kk = e % kBaseTile;
-      const int64_t n = n0 + tn, k = k0 + kk;
-      coef[tn][kk] = (n < n_end && k < g.K) ? static_cast<acc_t>(A[row_of(idx, n) * g.K + k]) : acc_t(0);
-    }
-    for (int e = threadIdx.x; e < TN * kPixTile; e += kThreads) {
-      const int tn = e / kPixTile, pp = e % kPixTile;
-      const int64_t n = n0 + tn, d = p0 + pp;
-      acc_t v = acc_t(0);
-      if (n < n_end && d < g.D) {
-        const int64_t x = d % g.w, y = (d / g.w) % g.h, c = d / (g.w * g.h);
-        const scalar_t* gc = grad + (n * g.C + c) * g.H * g.W;
-        const int64_t X0 = adjoint_first(x, g.s), X1 = adjoint_last(x, g.s, g.W);
-        for (int64_t Y = adjoint_first(y, g.s); Y < adjoint_last(y, g.s, g.H); ++Y) {
-          const acc_t wy = adjoint_weight<acc_t>(Y, y, g.h, g.s);
-          if (wy == acc_t(0)) continue;
-          acc_t row = acc_t(0);
-          for (int64_t X = X0; X < X1; ++X) {
-            const acc_t wx = adjoint_weight<acc_t>(X, x, g.w, g.s);
-            if (wx != acc_t(0)) row += wx * static_cast<acc_t>(gc[Y * g.W + X]);
-          }
-          v += wy * row;
-        }
-      }
-      gl[tn][pp] = v;
-    }
-    __syncthreads();
-
-    for (int tn = 0; tn < TN; ++tn) {
-      acc_t gv[kPixPerLane];
+    scalar_t* o = out + ((n * g.C + c) * g.H + Y) * g.W + X;
+    if (vec) {
+      Vec<scalar_t> ov;
 #pragma unroll
-      for (int j = 0; j < kPixPerLane; ++j) gv[j] = gl[tn][lane + 32 * j];
-      const int64_t n = n0 + tn;
+      for (int v = 0; v < kVec; ++v) ov.v[v] = static_cast<scalar_t>(value[v]);
+      ADDRMEM_CHECK_VECTOR(o);
+      *reinterpret_cast<Vec<scalar_t>*>(o) = ov;
+    } else {
 #pragma unroll
-      for (int i = 0; i < kBasesPerWarp; ++i) {
-        const acc_t a = coef[tn][warp + 8 * i];
-        acc_t dot = acc_t(0);
-#pragma unroll
-        for (int j = 0; j < kPixPerLane; ++j) {
-          acc[i][j] += a * gv[j];
-          dot += gv[j] * bases[i][j];
-        }
-#pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-        const int64_t k = k0 + warp + 8 * i;
-        if (lane == 0 && n < n_end && k < g.K) grad_rows_part[(pt * g.N + n) * g.K + k] = dot;
-      }
-    }
-  }
-
-#pragma unroll
-  for (int i = 0; i < kBasesPerWarp; ++i) {
-    const int64_t k = k0 + warp + 8 * i;
-#pragma unroll
-    for (int j = 0; j < kPixPerLane; ++j) {
-      const int64_t p = p0 + lane + 32 * j;
-      if (k < g.K && p < g.D) grad_bases_part[(slice * g.K + k) * g.D + p] = acc[i][j];
+      for (int v = 0; v < kVec; ++v)
+        if (X + v < X1) o[v] = static_cast<scalar_t>(value[v]);
     }
   }
 }
 
-// Kernel 2 of the backward: fixed-order sums of the workspace.
+// Scale > 1: low[n, c, y, x] = sum_{Y, X} wy(Y, y) wx(X, x) grad[n, c, Y, X]
+// over the output pixels that read (y, x), summed in a fixed order. `taps`
+// bounds the window of one low-resolution sample along either axis.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    synthesize_reduce_kernel(const acc_t* __restrict__ grad_bases_part, const acc_t* __restrict__ grad_rows_part,
-                             scalar_t* __restrict__ grad_bases, acc_t* __restrict__ grad_rows, int64_t slices,
-                             int64_t pix_tiles, int64_t n_bases_elems, int64_t n_rows_elems) {
-  const int64_t total = n_bases_elems + n_rows_elems;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    acc_t sum = acc_t(0);
-    if (e < n_bases_elems) {
-      for (int64_t s = 0; s < slices; ++s) sum += grad_bases_part[s * n_bases_elems + e];
-      grad_bases[e] = static_cast<scalar_t>(sum);
+    synthesize_adjoint_kernel(const scalar_t* __restrict__ grad, acc_t* __restrict__ low, Geometry g,
+                              int64_t tiles_y, int64_t tiles_x, int taps) {
+  ADDRMEM_DYNAMIC_SMEM(smem);
+  acc_t* wx = reinterpret_cast<acc_t*>(smem);  // [taps][kLowX]: weight of column first_x[lane] + j
+  acc_t* wy = wx + taps * kLowX;               // [taps][kLowY]: weight of row first_y[warp] + j
+  __shared__ acc_t rowsum[kLowY][kLowX];
+  __shared__ int64_t first_x[kLowX], first_y[kLowY];
+  __shared__ int count_x[kLowX], count_y[kLowY];
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int64_t block = blockIdx.x;
+  const int64_t tx = block % tiles_x;
+  block /= tiles_x;
+  const int64_t ty = block % tiles_y;
+  const int64_t plane = block / tiles_y;  // n * C + c
+  const int64_t x = tx * kLowX + lane, y = ty * kLowY + warp;
+
+  // The output windows [first, first + count) of the tile's columns and rows
+  // (count 0 past the image), then their weights, spread over all threads.
+  if (threadIdx.x < kLowX + kLowY) {
+    const bool is_x = threadIdx.x < kLowX;
+    const int l = is_x ? threadIdx.x : threadIdx.x - kLowX;
+    const int64_t i = is_x ? tx * kLowX + l : ty * kLowY + l;
+    const int64_t in = is_x ? g.w : g.h, out_size = is_x ? g.W : g.H;
+    const int64_t first = i < in ? adjoint_first(i, g.s) : 0;
+    const int count = i < in ? static_cast<int>(adjoint_last(i, g.s, out_size) - first) : 0;
+    (is_x ? first_x : first_y)[l] = first;
+    (is_x ? count_x : count_y)[l] = count;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < taps * (kLowX + kLowY); e += kThreads) {
+    if (e < taps * kLowX) {
+      const int j = e / kLowX, l = e % kLowX;
+      wx[e] = j < count_x[l] ? adjoint_weight<acc_t>(first_x[l] + j, tx * kLowX + l, g.w, g.s) : acc_t(0);
     } else {
-      const int64_t r = e - n_bases_elems;
-      for (int64_t t = 0; t < pix_tiles; ++t) sum += grad_rows_part[t * n_rows_elems + r];
-      grad_rows[r] = sum;
+      const int j = (e - taps * kLowX) / kLowY, l = (e - taps * kLowX) % kLowY;
+      wy[e - taps * kLowX] =
+          j < count_y[l] ? adjoint_weight<acc_t>(first_y[l] + j, ty * kLowY + l, g.h, g.s) : acc_t(0);
+    }
+  }
+  __syncthreads();
+
+  // Output rows read by the tile: from its first row's window to its last's.
+  const int64_t Ya = first_y[0];
+  const int64_t Yb = adjoint_last(imin(ty * kLowY + kLowY, g.h) - 1, g.s, g.H);
+  const scalar_t* gx = grad + plane * g.H * g.W + first_x[lane];
+  const int cx = count_x[lane], cy = count_y[warp];
+  const int64_t fy = first_y[warp];
+  acc_t acc = acc_t(0);
+  for (int64_t Yc = Ya; Yc < Yb; Yc += kLowY) {
+    // Warp w reduces output row Yc + w along x for the tile's columns.
+    const int64_t Y = Yc + warp;
+    acc_t sum = acc_t(0);
+    if (Y < Yb) {
+      const scalar_t* row = gx + Y * g.W;
+      for (int j = 0; j < cx; ++j) sum += wx[j * kLowX + lane] * static_cast<acc_t>(row[j]);
+    }
+    rowsum[warp][lane] = sum;
+    __syncthreads();
+    // Thread (warp, lane) adds the chunk's rows in its window along y.
+    for (int j = 0; j < kLowY; ++j) {
+      const int64_t e = Yc + j - fy;
+      if (e >= 0 && e < cy) acc += wy[e * kLowY + warp] * rowsum[j][lane];
+    }
+    __syncthreads();
+  }
+  if (x < g.w && y < g.h) low[plane * g.h * g.w + y * g.w + x] = acc;
+}
+
+// With an index: count[r] = occurrences of row r; first[r] = N - (its first
+// occurrence), 0 if none (both zeroed before). One thread per synthesized row.
+__global__ void __launch_bounds__(kThreads)
+    index_count_kernel(const int64_t* __restrict__ idx, int* __restrict__ count, int* __restrict__ first,
+                       int64_t N, int64_t R) {
+  const int64_t n = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  if (n >= N) return;
+  const int64_t r = idx[n];
+  CUDA_KERNEL_ASSERT(r >= 0 && r < R && "addrmem::synthesize_backward: index out of range");
+  atomicAdd(count + r, 1);  // integer atomics: the result does not depend on their order
+  atomicMax(first + r, static_cast<int>(N - n));
+}
+
+// grad_addresses[r] = sum of grad_rows[n] over idx[n] == r, in increasing n
+// (zeros if r is not indexed). One warp per address row; lanes own columns.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    index_rows_kernel(const acc_t* __restrict__ grad_rows, const int64_t* __restrict__ idx,
+                      const int* __restrict__ count, const int* __restrict__ first,
+                      scalar_t* __restrict__ grad_addresses, int64_t N, int64_t R, int64_t K) {
+  const int lane = threadIdx.x % 32;
+  const int64_t r = blockIdx.x * static_cast<int64_t>(kWarps) + threadIdx.x / 32;
+  if (r >= R) return;  // the whole warp: r is warp-uniform
+  const int c = count[r];
+  const int64_t n = N - first[r];
+  for (int64_t k0 = 0; k0 < K; k0 += 32 * kRowsPerLane) {
+    acc_t acc[kRowsPerLane];
+#pragma unroll
+    for (int v = 0; v < kRowsPerLane; ++v) {
+      const int64_t k = k0 + lane + 32 * v;
+      acc[v] = (c > 0 && k < K) ? grad_rows[n * K + k] : acc_t(0);
+    }
+    // The repeats: `remaining` and the ballot are warp-uniform, so every lane
+    // takes the same path and all 32 lanes vote.
+    int remaining = c - 1;
+    for (int64_t base = n + 1; remaining > 0; base += 32) {
+      const int64_t m = base + lane;
+      unsigned hits = __ballot_sync(0xffffffffu, m < N && idx[m] == r);
+      while (hits) {
+        const int64_t hit = base + __ffs(hits) - 1;
+        hits &= hits - 1;
+        --remaining;
+#pragma unroll
+        for (int v = 0; v < kRowsPerLane; ++v) {
+          const int64_t k = k0 + lane + 32 * v;
+          if (k < K) acc[v] += grad_rows[hit * K + k];
+        }
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < kRowsPerLane; ++v) {
+      const int64_t k = k0 + lane + 32 * v;
+      if (k < K) grad_addresses[r * K + k] = static_cast<scalar_t>(acc[v]);
     }
   }
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// ---- Host side: launch shapes and launch sequences ---------------------------------------
+// `launch(kernel, blocks, smem_bytes, args...)` runs `kernel` on `blocks`
+// blocks of kThreads threads with that much dynamic shared memory.
 
-// Grid and shared memory of the forward kernel.
-struct ForwardLaunch {
-  int64_t tiles_y, tiles_x, blocks;
-  size_t smem;
-};
-
-template <typename acc_t>
-inline ForwardLaunch forward_launch(const Geometry& g) {
+template <typename scalar_t, typename acc_t, typename Launch>
+void launch_forward(Launch&& launch, const scalar_t* A, const scalar_t* B, const int64_t* idx, scalar_t* out,
+                    const Geometry& g) {
   constexpr int TN = rows_per_block<acc_t>();
-  ForwardLaunch l;
-  l.tiles_y = ceil_div(g.H, kTileY);
-  l.tiles_x = ceil_div(g.W, kTileX);
-  l.blocks = ceil_div(g.N, TN) * g.C * l.tiles_y * l.tiles_x;
-  const int64_t footprint_pixels =
-      max_footprint<acc_t>(g.H, g.h, g.s, kTileY) * max_footprint<acc_t>(g.W, g.w, g.s, kTileX);
-  l.smem = sizeof(acc_t) * (kBaseChunk * TN + TN * footprint_pixels);
-  return l;
+  const int64_t row_blocks = ceil_div(g.N, TN);
+  const size_t vec_bytes = sizeof(Vec<scalar_t>);
+  if (g.s == 1) {
+    const int64_t d_tiles = ceil_div(g.D, kFlatTile);
+    const bool vec = g.D % kVec == 0 && vector_aligned(B, vec_bytes) && vector_aligned(out, vec_bytes);
+    launch(synthesize_flat_kernel<scalar_t, acc_t, TN>, row_blocks * d_tiles, 0, A, B, idx, out, g, d_tiles, vec);
+  } else {
+    const int64_t tiles_y = ceil_div(g.H, kTileY), tiles_x = ceil_div(g.W, kTileX);
+    const size_t smem = sizeof(acc_t) * TN * max_footprint<acc_t>(g.H, g.h, g.s, kTileY) *
+                        max_footprint<acc_t>(g.W, g.w, g.s, kTileX);
+    const bool vec = g.W % kVec == 0 && vector_aligned(out, vec_bytes);
+    launch(synthesize_tiled_kernel<scalar_t, acc_t, TN>, row_blocks * g.C * tiles_y * tiles_x, smem, A, B, idx,
+           out, g, tiles_y, tiles_x, vec);
+  }
 }
 
-// Grids of the two backward kernels and the workspace they share: the rows are
-// cut into slices so that the first grid fills the GPU's `sms` about twice.
-struct BackwardLaunch {
-  int64_t pix_tiles, base_tiles, rows_per_slice, slices, blocks, reduce_blocks;
-};
+// The window of one low-resolution sample, [adjoint_first, adjoint_last),
+// holds at most 3s output coordinates. Shared memory: 40 * 3s weights, under
+// 48 KB up to s = 51 (double) or 102 (float); the .cu launcher opts in above.
+template <typename scalar_t, typename acc_t, typename Launch>
+void launch_adjoint(Launch&& launch, const scalar_t* grad, acc_t* low, const Geometry& g) {
+  const int64_t tiles_y = ceil_div(g.h, kLowY), tiles_x = ceil_div(g.w, kLowX);
+  const int taps = static_cast<int>(3 * g.s);
+  launch(synthesize_adjoint_kernel<scalar_t, acc_t>, g.N * g.C * tiles_y * tiles_x,
+         sizeof(acc_t) * taps * (kLowX + kLowY), grad, low, g, tiles_y, tiles_x, taps);
+}
 
-template <typename acc_t>
-inline BackwardLaunch backward_launch(const Geometry& g, int64_t sms) {
-  constexpr int TN = rows_per_block<acc_t>();
-  BackwardLaunch l;
-  l.pix_tiles = ceil_div(g.D, kPixTile);
-  l.base_tiles = ceil_div(g.K, kBaseTile);
-  const int64_t chunks = ceil_div(g.N, TN);
-  const int64_t tiles = l.pix_tiles * l.base_tiles;
-  const int64_t wanted = std::min(chunks, std::max<int64_t>(1, ceil_div(2 * sms, tiles)));
-  l.rows_per_slice = ceil_div(chunks, wanted) * TN;
-  l.slices = ceil_div(g.N, l.rows_per_slice);
-  l.blocks = tiles * l.slices;
-  l.reduce_blocks = std::min<int64_t>(ceil_div(g.K * g.D + g.N * g.K, kThreads), 8 * sms);
-  return l;
+// counts: 2 * R ints, zeroed. grad_addresses: (R, K).
+template <typename scalar_t, typename acc_t, typename Launch>
+void launch_index_rows(Launch&& launch, const acc_t* grad_rows, const int64_t* idx, int* counts,
+                       scalar_t* grad_addresses, const Geometry& g) {
+  launch(index_count_kernel, ceil_div(g.N, kThreads), 0, idx, counts, counts + g.R, g.N, g.R);
+  launch(index_rows_kernel<scalar_t, acc_t>, ceil_div(g.R, kWarps), 0, grad_rows, idx,
+         static_cast<const int*>(counts), static_cast<const int*>(counts + g.R), grad_addresses, g.N, g.R, g.K);
 }
 
 }  // namespace addrmem
