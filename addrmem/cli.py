@@ -1,7 +1,8 @@
 """The ``addrmem`` command: ``distill``, ``show`` and ``eval``.
 
 ``addrmem distill`` with no arguments distills scikit-learn's 8×8 digits at a
-budget of one image per class on the CPU (a few minutes on two cores) and
+budget of one image per class (on the GPU if torch sees one, else on the CPU:
+a few minutes on two cores) and
 prints the retained test accuracy of the addressable memory, of the
 ImageMemory baseline and of a random real subset at the same budget, and of
 the full training set. Bad input ends with a one-line ``addrmem: error: ...``
@@ -11,17 +12,20 @@ and exit status 1 (130 when interrupted), never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
 
 import torch
 
+from .config import DistillConfig, default_config, derive_seed, device_name, resolve_device
 from .data import DATASETS, load_dataset
-from .distill import (BASELINE_DIR, DistillConfig, default_config, derive_seed, evaluate,
-                      run_experiment, save_grids)
+from .evaluation import evaluate
+from .experiment import run_experiment
 from .memory import load_memory
 from .networks import NETWORKS
+from .runs import BASELINE_DIR, save_grids
 
 __all__ = ["main"]
 
@@ -47,7 +51,8 @@ _DISTILL_FLAGS = [
     ("--eval-arch", "eval_archs", _names, "NET,...", "also test every method with these networks "
      f"(cross-architecture; any of {', '.join(sorted(NETWORKS))})"),
     ("--seed", "seed", int, "S", "seed of every random draw (one seed, one result)"),
-    ("--device", "device", str, "DEVICE", "torch device, e.g. cpu or cuda"),
+    ("--device", "device", str, "DEVICE", "auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda or "
+     "cuda:N"),
 ]
 
 
@@ -64,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Distill a dataset into an addressable memory, distill the ImageMemory baseline the "
                     "same way at the same storage budget, and print the test accuracy (mean ± std over "
                     "fresh networks) of both, of a random real subset at that budget and of the full "
-                    "training set. Without options: digits, IPC 1, on the CPU, a few minutes. Options "
+                    "training set. Without options: digits, IPC 1, a few minutes on two CPU cores. Options "
                     "override --config FILE, which overrides the dataset's defaults; a run folder "
                     "(config.yaml, log.jsonl, checkpoint.pt, memory.pt, PNG grids, results.json) is "
                     "written to --out.")
@@ -95,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run", metavar="RUN", help="run folder written by addrmem distill")
     ev.add_argument("--nets", type=int, default=None, help="networks to train (default: the run's eval_nets)")
     ev.add_argument("--network", default=None, help="architecture to train (default: the run's network)")
-    ev.add_argument("--device", default=None, help="torch device (default: the run's device)")
+    ev.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the run's device)")
     return parser
 
 
@@ -112,10 +117,40 @@ def main(argv=None) -> int:
         print(f"\naddrmem: interrupted; continue with: addrmem distill --resume {where}"
               if args.command == "distill" else "\naddrmem: interrupted", file=sys.stderr)
         raise SystemExit(130)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        raise SystemExit(f"addrmem: error: {lines[0]}")
+    except OSError as exc:
+        raise SystemExit(f"addrmem: error: {_os_error(exc, args)}")
+    except (ValueError, TypeError, FloatingPointError) as exc:
+        raise SystemExit(f"addrmem: error: {_first_line(exc)}")
     return 0
+
+
+def _first_line(exc) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _os_error(exc: OSError, args) -> str:
+    """What a file error means for the command that met it, and the fix."""
+    if exc.errno is None:  # raised by addrmem with its own message
+        return _first_line(exc)
+    where = repr(exc.filename) if exc.filename else "the run folder"
+    run = (args.resume or args.out) if args.command == "distill" else args.run
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = (f"free space, then continue with: addrmem distill --resume {run}" if args.command == "distill"
+               else "free space and run it again")
+        return f"no space left on the device for {where}: {fix}"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = ("choose an --out folder you can write to" if args.command == "distill" and not args.resume
+               else f"copy the run folder somewhere writable (cp -r {run} COPY) and give the copy")
+        return f"cannot write {where} ({exc.strerror}): {fix}"
+    return f"{where}: {exc.strerror}"
+
+
+def _use_device(config) -> torch.device:
+    """The device ``config`` runs on here (raises ValueError if it is missing); says which."""
+    device = resolve_device(config.device)
+    print(f"device: {device_name(device)}" + (" (auto)" if config.device == "auto" else ""))
+    return device
 
 
 def _set_threads(config):
@@ -146,6 +181,7 @@ def _distill(args):
         run_dir = args.out or os.path.join(
             "runs", f"{config.dataset}-ipc{config.ipc}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.out = run_dir
+    _use_device(config)
     _set_threads(config)
     dataset = load_dataset(config.dataset, config.data_root, download=args.download, zca=config.zca)
     results = run_experiment(config, dataset, run_dir, resume=bool(args.resume))
@@ -189,8 +225,11 @@ def _memory_files(run_dir):
 def _show(args):
     _run_config(args.run)
     for path in _memory_files(args.run):
-        for written in save_grids(load_memory(path), os.path.dirname(path)):
-            print(written)
+        try:
+            written = save_grids(load_memory(path), os.path.dirname(path))
+        except ValueError as exc:
+            raise ValueError(f"{path!r}: {exc}") from exc
+        print("\n".join(written))
 
 
 def _eval(args):
@@ -200,8 +239,9 @@ def _eval(args):
     nets = config.eval_nets if args.nets is None else args.nets
     if nets < 1:
         raise ValueError(f"--nets must be >= 1; got {nets}")
+    device = _use_device(config)
     _set_threads(config)
-    memory = load_memory(_memory_files(args.run)[0], map_location=config.device)
+    memory = load_memory(_memory_files(args.run)[0], map_location=device)
     dataset = load_dataset(config.dataset, config.data_root, zca=config.zca)
     images, labels = memory.recall()
     acc = evaluate(images, labels, dataset, config, nets, split="test", seed=derive_seed(config.seed, "test"),

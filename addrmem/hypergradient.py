@@ -18,6 +18,8 @@ and the argument checks lie outside both.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -68,8 +70,10 @@ def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentu
             are left unchanged.
         batches: sequence of T >= 1 int64 (N_t,) row indices into the memory,
             one per inner step (repeats allowed); checked once, up front.
-        real_images: (N, C, H, W) real batch; real_labels: (N,) int64.
-        lr, momentum: the inner SGD's learning rate and momentum.
+        real_images: (N, C, H, W) real batch, the memory's dtype, device
+            and image shape; real_labels: (N,) int64 on the same device.
+        lr, momentum: the inner SGD's learning rate (finite, > 0) and
+            momentum (finite, >= 0).
         augment: optional differentiable callable (N, C, H, W) -> same,
             applied identically to every synthetic batch and the real batch
             (e.g. ``SiameseAugment.draw(generator)``).
@@ -78,7 +82,14 @@ def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentu
         (loss, grads): the outer loss (0-dim tensor, detached) and a dict from
         each name of ``memory.named_parameters()`` to d loss / d parameter
         (same shape; the sum of all T steps' contributions).
+
+    Raises ValueError (TypeError for non-tensors) naming the argument that
+    does not fit.
     """
+    if not (_is_finite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0; got {lr!r}")
+    if not (_is_finite(momentum) and momentum >= 0):
+        raise ValueError(f"momentum must be a finite number >= 0; got {momentum!r}")
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty: the inner loop needs at least one step")
@@ -91,11 +102,12 @@ def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentu
     if w.dtype != mem_params[0].dtype or w.device != mem_params[0].device:
         raise ValueError(f"the network is {w.dtype} on {w.device} but the memory is "
                          f"{mem_params[0].dtype} on {mem_params[0].device}")
+    _check_real_batch(real_images, real_labels, mem_params[0], memory.image_shape)
     memory.validate_index(torch.cat(batches))  # every batch at once: one host sync
     augment = augment if augment is not None else (lambda images: images)
 
     def step_loss(flat, index):
-        images, labels = memory(index, check_index=False)
+        images, labels = memory(index)
         return flatnet.loss(flat, augment(images), labels)
 
     # Forward: snapshots w_0..w_T; the memory is not differentiated here.
@@ -105,7 +117,7 @@ def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentu
         for index in batches:
             flat = w.detach().requires_grad_()
             with torch.no_grad():
-                images, labels = memory(index, check_index=False)
+                images, labels = memory(index)
                 images = augment(images)
             (g,) = torch.autograd.grad(flatnet.loss(flat, images, labels), flat)
             v.mul_(momentum).add_(g)
@@ -130,3 +142,22 @@ def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentu
                 total.add_(h)
             dv.mul_(momentum)
     return loss.detach(), dict(zip(mem_names, grads))
+
+
+def _check_real_batch(images, labels, like, image_shape):
+    """real_images (N, C, H, W) of ``like``'s dtype and device, real_labels (N,) int64 there too."""
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError("real_images and real_labels must be tensors")
+    if images.dtype != like.dtype or images.device != like.device:
+        raise ValueError(f"real_images are {images.dtype} on {images.device} but the memory is {like.dtype} on "
+                         f"{like.device}: pass real_images.to({like.device.type!r}, {like.dtype})")
+    if images.dim() != 4 or tuple(images.shape[1:]) != tuple(image_shape):
+        raise ValueError(f"real_images must have shape (N, {', '.join(map(str, image_shape))}) as the memory's "
+                         f"images; got {tuple(images.shape)}")
+    if labels.dtype != torch.int64 or labels.device != like.device or labels.shape != images.shape[:1]:
+        raise ValueError(f"real_labels must be int64 ({images.shape[0]},) on {like.device}; got {labels.dtype} "
+                         f"{tuple(labels.shape)} on {labels.device}")
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

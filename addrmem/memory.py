@@ -28,6 +28,7 @@ import os
 import torch
 from torch import nn
 
+from .files import atomic_torch_save, load_torch
 from .ops import synthesize, validate_index
 
 __all__ = ["AddressableMemory", "ImageMemory", "load_memory"]
@@ -160,15 +161,16 @@ class _Memory(nn.Module):
         return rows.reshape(-1).to(self.device)
 
     def save(self, path, **extra) -> None:
-        """Write the memory to one file (torch.save of {"kind", "config",
-        "state_dict", "extra"}), loadable with :func:`load_memory`. ``extra``
-        values must be plain data: None, bool, int, float, str, tensors, and
-        lists, tuples and str-keyed dicts of these."""
+        """Write the memory to one file, atomically (torch.save of {"kind",
+        "config", "state_dict", "extra"}), loadable with :func:`load_memory`.
+        ``extra`` values must be plain data: None, bool, int, float, str,
+        tensors, and lists, tuples and str-keyed dicts of these. Raises
+        OSError (naming ``path``) if it cannot be written."""
         for key, value in extra.items():
             _check_plain(value, f"extra[{key!r}]")
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        torch.save({"kind": type(self).__name__, "config": self.config(), "state_dict": state,
-                    "extra": extra}, path)
+        atomic_torch_save(path, {"kind": type(self).__name__, "config": self.config(), "state_dict": state,
+                                 "extra": extra})
 
 
 def _check_plain(value, where):
@@ -285,16 +287,14 @@ _KINDS = {cls.__name__: cls for cls in (AddressableMemory, ImageMemory)}
 
 def load_memory(path, map_location="cpu") -> _Memory:
     """Load a memory written by ``memory.save(path)``; returns an
-    :class:`AddressableMemory` or :class:`ImageMemory` on ``map_location``,
-    with the saved dtype, ready to recall; ``memory.extra`` is the dict of
-    extras it was saved with. Raises ValueError for a file that is not an
-    addrmem memory."""
+    :class:`AddressableMemory` or :class:`ImageMemory` on ``map_location``
+    (a device), with the saved dtype, ready to recall; ``memory.extra`` is
+    the dict of extras it was saved with. Raises ValueError for a file that
+    is not an addrmem memory or whose bytes are corrupt (the archive's CRCs
+    are checked)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no memory file at {path!r}")
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path!r} is not a readable addrmem memory file: {exc}") from exc
+    blob = load_torch(path, "a readable addrmem memory file")
     if not isinstance(blob, dict) or set(blob) != {"kind", "config", "state_dict", "extra"}:
         raise ValueError(f"{path!r} is not an addrmem memory file (expected keys kind, config, "
                          f"state_dict, extra)")
@@ -309,11 +309,10 @@ def load_memory(path, map_location="cpu") -> _Memory:
         memory = cls(**blob["config"], generator=torch.Generator())
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path!r} has an invalid {blob['kind']} config {blob['config']!r}: {exc}") from exc
-    first = next(iter(state.values()))
-    memory.to(device=first.device, dtype=first.dtype)
+    memory.to(dtype=next(iter(state.values())).dtype)
     try:
         memory.load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(f"{path!r}: the saved tensors do not match its config: {exc}") from exc
     memory.extra = blob["extra"]
-    return memory
+    return memory.to(map_location)

@@ -1,6 +1,6 @@
 """Run one distillation setting end to end and write its results rows.
 
-For a config (``configs/*.yaml``) this runs :func:`addrmem.distill.run_experiment`
+For a config (``configs/*.yaml``) this runs :func:`addrmem.experiment.run_experiment`
 (the addressable memory, the ImageMemory baseline distilled the same way at
 the same budget, a random real subset at that budget and the full training
 set, each tested once by the same fresh networks) into ``--out`` and writes
@@ -45,7 +45,9 @@ except ImportError:  # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import addrmem  # noqa: F401  (puts the checkout on the path)
 from addrmem.data import load_dataset
-from addrmem.distill import BASELINE_DIR, DistillConfig, run_experiment
+from addrmem.config import DistillConfig
+from addrmem.experiment import run_experiment
+from addrmem.runs import BASELINE_DIR, read_log
 
 METHOD_NAMES = {"addressable": "addressable memory", "image": "ImageMemory", "random_real": "random real subset",
                 "full_data": "full data"}
@@ -74,8 +76,7 @@ def learning_curves(run_dir: str) -> dict:
         if not os.path.isfile(log):
             continue
         kind = DistillConfig.from_yaml(os.path.join(folder, "config.yaml")).memory
-        with open(log) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        records = read_log(log)
         curves[kind] = [{"iteration": r["iteration"], "seconds": r.get("seconds", 0.0),
                          "val_mean": r["val_mean"], "val_std": r["val_std"]} for r in records if "val_mean" in r]
     return curves
@@ -130,7 +131,7 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--data-root", metavar="DIR", help="folder holding the dataset's files")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset if missing")
-    p.add_argument("--device", help="torch device (default: the config's)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's)")
     p.add_argument("--iterations", type=int, metavar="N", help="outer iterations (default: the config's)")
     p.add_argument("--seed", type=int, metavar="S", help="seed (default: the config's)")
     p.add_argument("--eval-arch", metavar="NET,...", help="also test with these networks")
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(config.threads)
         dataset = load_dataset(config.dataset, config.data_root, download=args.download, zca=config.zca)
         results = run_experiment(config, dataset, args.out, resume=args.resume)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
+    except (OSError, ValueError, TypeError, FloatingPointError) as exc:
         print(f"distill_accuracy.py: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     rows = results_rows(results, command)

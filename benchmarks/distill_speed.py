@@ -3,9 +3,10 @@
 Two implementations of one outer iteration of distillation (METHOD.md §3.1,
 §3.2) run on the same job, the same device, in one process:
 
-- **(a) addrmem**: ``addrmem.hypergradient`` (weights kept on the device as
-  flat snapshots, the fused synthesis op, one double backward per step), then
-  ``addrmem.distill.outer_update``.
+- **(a) addrmem**: the library's outer step, ``addrmem.distill.outer_step``,
+  whose hypergradient is ``addrmem.hypergradient`` (weights kept on the
+  device as flat snapshots, the fused synthesis op, one double backward per
+  step).
 - **(b) official-style**: the official code's algorithm written plainly here
   (:class:`OfficialStyle`). The memory is two tensors, coefficients
   (n_cls * r, K) and bases (K, C*h*w); synthesis is the eager ``coeffs[index]
@@ -18,23 +19,22 @@ Two implementations of one outer iteration of distillation (METHOD.md §3.1,
   place, so the copies stay there until the iteration ends, as in the
   official code), the step's loss is recomputed with ``create_graph=True``
   and one ``torch.autograd.grad`` of <g_t, dv> gives the weights' and the
-  memory's parts (a double backward per step). Then the same
-  ``outer_update`` as (a): the two tables are the parameters ``addresses``
-  and ``bases`` of a small module, so the update (global clip 2, SGD lr 0.1,
-  momentum 0.5) is the same code.
+  memory's parts (a double backward per step). It runs inside the same
+  ``outer_step`` as (a), given as its ``gradient``: the two tables are the
+  parameters ``addresses`` and ``bases`` of a small module, so the sampling
+  and the update (global clip 2, SGD lr 0.1, momentum 0.5) are the same code.
 
 Inner lr 0.01 and momentum 0.9 (``DistillConfig()``'s defaults, the
 official ones, METHOD.md §6); no augmentation (the README job's ``none``).
 
-What is compared. Each outer iteration i draws its inputs once: a network
-``make_network(net, ..., seed=derive_seed(seed, "network", i))`` (built twice,
-one for each implementation, so both start from identical weights), the T row
-indices (``memory.sample_index``, all classes) and the real batch (as
-``benchmarks/outer_step.py``: a pool of random "real" images on the device),
-from a generator seeded with ``derive_seed(seed, "inputs", i)``. Both memories
-start equal ((b)'s tables are copies of (a)'s initial values). On the first
-(warm-up) iteration, before any update, the benchmark compares the two
-hypergradients: ||g_a - g_b|| / ||g_b|| and max |g_a - g_b|, for the bases and
+What is compared. Outer iteration i of each implementation draws its inputs
+from the outer loop's generators seeded with ``derive_seed(seed, "inputs",
+i)`` (``addrmem.distill.outer_generators``), so both get the same network
+weights, T row indices (``memory.sample_index``, all classes) and real batch
+(as ``benchmarks/outer_step.py``: a pool of random "real" images on the
+device). Both memories start equal ((b)'s tables are copies of (a)'s initial
+values). On the first (warm-up) iteration the benchmark compares the two
+hypergradients, taken before either memory is updated: ||g_a - g_b|| / ||g_b|| and max |g_a - g_b|, for the bases and
 for the addresses separately (they compute the same function: only rounding
 differs). After the timed iterations it also compares the two memories,
 which have taken the same updates from the same inputs. In float64 both
@@ -56,9 +56,10 @@ the same reason the float32 memories drift apart over the iterations.
 
 How it is timed. After the warm-up, ``--iterations`` outer iterations, the
 two implementations alternating on the same inputs (each on its own memory
-and outer optimizer). An outer iteration is hypergradient + outer update; the
-inputs and the networks are made outside the timed span. CUDA events around
-it on CUDA (``outer_update`` reads the loss, and the events are read after a
+and outer optimizer). The timed part of an outer iteration is hypergradient
++ outer update (``outer_step``'s "hypergradient" and "update" phases); the
+network and the inputs are made outside it. CUDA events around each phase on
+CUDA (the update reads the loss, and the events are read after a
 synchronisation at the iteration's end), ``time.perf_counter`` on the CPU.
 Reported: the median seconds per outer iteration of each, the speed-up
 (b)/(a), and on CUDA ``torch.cuda.max_memory_allocated`` over each
@@ -116,11 +117,12 @@ except ImportError:  # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import addrmem  # noqa: F401
 from addrmem import hypergradient, make_network
-from addrmem.distill import derive_seed, make_outer_optimizer, outer_update
+from addrmem.config import derive_seed
+from addrmem.distill import make_outer_optimizer, outer_generators, outer_step
 from addrmem.networks import NETWORKS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from outer_step import (DEFAULT, OFFICIAL, QUICK, Job, Stopwatch, device_name, fmt_bytes, fmt_time,  # noqa: E402
+from outer_step import (DEFAULT, QUICK, Job, Stopwatch, device_name, fmt_bytes, fmt_time,  # noqa: E402
                         run_info)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -135,7 +137,9 @@ class OfficialStyle(nn.Module):
     """The official algorithm (METHOD.md §3.1-3.2), written plainly.
 
     Parameters ``addresses`` (n_cls * r, K) and ``bases`` (K, C*h*w): copies of
-    an ``AddressableMemory``'s initial values, so both start equal.
+    an ``AddressableMemory``'s initial values, so both start equal. Its rows
+    are sampled as that memory's (``sample_index``), so ``outer_step`` can
+    run it.
     """
 
     def __init__(self, memory):
@@ -145,6 +149,8 @@ class OfficialStyle(nn.Module):
         self.low_shape = tuple(memory.bases.shape[1:])  # (C, h, w)
         self.downsample = memory.downsample
         self.per_class = memory.per_class
+        self.num_classes, self.image_shape = memory.num_classes, memory.image_shape
+        self.sample_index = memory.sample_index  # depends on the geometry alone
 
     def synthesize(self, index):
         """Eager gather + matmul + F.interpolate: (images (N, C, H, W), labels (N,))."""
@@ -153,8 +159,12 @@ class OfficialStyle(nn.Module):
             low, scale_factor=self.downsample, mode="bilinear", align_corners=False)
         return images, index // self.per_class
 
-    def hypergradient(self, net, batches, real_images, real_labels, *, lr, momentum):
-        """(outer loss, {"addresses": G_A, "bases": G_B}); trains ``net`` in place."""
+    def hypergradient(self, net, batches, real_images, real_labels, *, lr, momentum, augment=None):
+        """(outer loss, {"addresses": G_A, "bases": G_B}); trains ``net`` in
+        place. Called as ``outer_step``'s ``gradient`` (self = the memory);
+        no augmentation."""
+        if augment is not None:
+            raise ValueError("the official-style implementation runs without augmentation")
         device = real_images.device
         params = list(net.parameters())
         velocity = [torch.zeros_like(p) for p in params]
@@ -191,61 +201,63 @@ class OfficialStyle(nn.Module):
         return loss.detach(), {"addresses": g_addresses, "bases": g_bases}
 
 
-@dataclasses.dataclass
-class Inputs:
-    """One outer iteration's inputs, shared by both implementations."""
-
-    net_seed: int
-    batches: list
-    real_images: torch.Tensor
-    real_labels: torch.Tensor
-
-
-def draw_inputs(job: Job, i: int) -> Inputs:
-    """Iteration ``i``'s row indices and real batch (from ``job.generator``,
-    reseeded for ``i``) and its network seed."""
-    s = job.setting
-    job.generator.manual_seed(derive_seed(job.seed, "inputs", i))
-    batches = [job.memory.sample_index(job.classes, s.n_per_c, job.generator) for _ in range(s.steps)]
-    real_images, real_labels = job.sample_real()
-    return Inputs(derive_seed(job.seed, "network", i), batches, real_images, real_labels)
-
-
 class Runner:
-    """One implementation, its memory and outer optimizer."""
+    """One implementation, its memory and outer optimizer; its outer steps
+    are ``addrmem.distill.outer_step`` with its ``gradient``."""
 
     def __init__(self, name: str, memory, job: Job):
         self.name, self.memory, self.job = name, memory, job
-        self.optimizer = make_outer_optimizer(memory, OFFICIAL)
+        self.optimizer = make_outer_optimizer(memory, job.config)
+        self.gradient = hypergradient if name == "addrmem" else OfficialStyle.hypergradient
 
-    def network(self, inputs: Inputs):
-        s = self.job.setting
-        net = make_network(s.net, s.image_shape, s.num_classes, seed=inputs.net_seed)
-        return net.to(device=self.job.device, dtype=self.job.dtype)
+    def step(self, i: int, gradient=None, phase=None) -> None:
+        """Outer iteration ``i`` (its inputs drawn from the generators of
+        ``derive_seed(seed, "inputs", i)``), with ``gradient`` in place of the
+        implementation's own if given."""
+        job = self.job
+        generators = outer_generators(derive_seed(job.seed, "inputs", i))
+        outer_step(self.memory, self.optimizer, job.config, job.real, generators, i,
+                   gradient=gradient or self.gradient, phase=phase)
 
-    def hypergradient(self, net, inputs: Inputs):
-        args = (net, inputs.batches, inputs.real_images, inputs.real_labels)
-        kw = {"lr": OFFICIAL.inner_lr, "momentum": OFFICIAL.inner_momentum}
-        if self.name == "addrmem":
-            return hypergradient(self.memory, *args, **kw)
-        return self.memory.hypergradient(*args, **kw)
-
-    def update(self, loss, grads) -> None:
-        outer_update(self.memory, self.optimizer, loss, grads, OFFICIAL)
-
-    def timed_iteration(self, inputs: Inputs) -> tuple[float, int | None]:
-        """One outer iteration (hypergradient + update): (seconds, peak bytes
-        allocated on CUDA, else None)."""
-        net = self.network(inputs)
+    def timed_iteration(self, i: int) -> tuple[float, int | None]:
+        """Outer iteration ``i``: (seconds of its hypergradient + update, peak
+        bytes allocated on CUDA, else None)."""
         cuda = self.job.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.job.device)
             torch.cuda.reset_peak_memory_stats(self.job.device)
         watch = Stopwatch(self.job.device)
-        with watch("iteration"):
-            self.update(*self.hypergradient(net, inputs))
-        seconds = watch.seconds()["iteration"]
+        timed = ("hypergradient", "update")
+        self.step(i, phase=lambda name: watch(name) if name in timed else contextlib.nullcontext())
+        seconds = sum(watch.seconds()[name] for name in timed)
         return seconds, torch.cuda.max_memory_allocated(self.job.device) if cuda else None
+
+
+def warm_up(runners: dict, tf32_effect: bool = False, fp64_reference: bool = False):
+    """Outer iteration 0 of every runner, recording each hypergradient before
+    its update: ({name: (outer loss, gradients)}, addrmem's gradients on the
+    same memory and inputs with TF32 off if ``tf32_effect``, and in float64 if
+    ``fp64_reference`` (else None))."""
+    first, extra = {}, {"tf32_off": None, "float64": None}
+
+    def recording(runner):
+        def gradient(memory, net, batches, real_images, real_labels, **kw):
+            loss, grads = runner.gradient(memory, net, batches, real_images, real_labels, **kw)
+            first[runner.name] = (float(loss), clone(grads))
+            if runner.name == "addrmem" and tf32_effect:  # addrmem's hypergradient leaves the net unchanged
+                with tf32(False):
+                    extra["tf32_off"] = clone(hypergradient(memory, net, batches, real_images, real_labels, **kw)[1])
+            if runner.name == "addrmem" and fp64_reference:
+                float64 = torch.float64
+                extra["float64"] = hypergradient(copy.deepcopy(memory).to(dtype=float64),
+                                                 copy.deepcopy(net).to(dtype=float64), batches,
+                                                 real_images.to(float64), real_labels, **kw)[1]
+            return loss, grads
+        return gradient
+
+    for runner in runners.values():
+        runner.step(0, gradient=recording(runner))
+    return first, extra["tf32_off"], extra["float64"]
 
 
 def difference(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -275,16 +287,6 @@ def tf32(enabled: bool):
 def agreement_view(tables: dict, memory) -> dict:
     """(b)'s {"addresses", "bases"} tables (or their gradients) shaped as (a)'s."""
     return {"addresses": tables["addresses"], "bases": tables["bases"].view_as(memory.bases)}
-
-
-def float64_hypergradient(job: Job, inputs: Inputs) -> dict:
-    """addrmem's hypergradient in float64 at (a)'s memory and ``inputs``."""
-    s, float64 = job.setting, torch.float64
-    memory = copy.deepcopy(job.memory).to(dtype=float64)
-    net = make_network(s.net, s.image_shape, s.num_classes, seed=inputs.net_seed).to(device=job.device, dtype=float64)
-    _, grads = hypergradient(memory, net, inputs.batches, inputs.real_images.to(float64), inputs.real_labels,
-                             lr=OFFICIAL.inner_lr, momentum=OFFICIAL.inner_momentum)
-    return grads
 
 
 def clone(grads: dict) -> dict:
@@ -361,42 +363,30 @@ def run(args, job: Job, iterations: int) -> int:
           f"{setting.num_classes} classes; AddressableMemory ipc {setting.ipc}, K={memory.n_bases}, "
           f"ds={memory.downsample}, {memory.per_class} rows/class; T={setting.steps}, "
           f"{setting.n_per_c * setting.num_classes} synthetic and {setting.real_per_class * setting.num_classes} "
-          f"real images per step; inner SGD lr {OFFICIAL.inner_lr} momentum {OFFICIAL.inner_momentum}; "
-          f"outer SGD lr {OFFICIAL.outer_lr} momentum {OFFICIAL.outer_momentum}, clip {OFFICIAL.clip}")
+          f"real images per step; inner SGD lr {job.config.inner_lr} momentum {job.config.inner_momentum}; "
+          f"outer SGD lr {job.config.outer_lr} momentum {job.config.outer_momentum}, clip {job.config.clip}")
     print(f"(a) addrmem.hypergradient; (b) official-style plain PyTorch (per-step deepcopy of the network to "
           f"the CPU, eager synthesis, double backward per step); median of {iterations} outer iteration(s) each, "
           f"after 1 warm-up each, seed {args.seed}")
 
-    # Warm-up (iteration 0): both hypergradients from identical memories, compared before any update.
-    inputs = draw_inputs(job, 0)
-    warm = {}
-    for name, runner in runners.items():
-        loss, grads = runner.hypergradient(runner.network(inputs), inputs)
-        warm[name] = (loss, clone(grads))
+    # Warm-up (iteration 0): both hypergradients from identical memories, each recorded before its update.
+    warm, grads_tf32_off, grads_fp64 = warm_up(runners, args.tf32, args.fp64_reference)
     official = warm["official"][1]
     agreement = compare(warm["addrmem"][1], agreement_view(official, memory))
-    losses = {name: float(loss) for name, (loss, _) in warm.items()}
-    tf32_effect = None
-    if args.tf32:
-        with tf32(False):
-            _, grads_fp32 = runners["addrmem"].hypergradient(runners["addrmem"].network(inputs), inputs)
-        tf32_effect = compare(warm["addrmem"][1], grads_fp32)
+    losses = {name: loss for name, (loss, _) in warm.items()}
+    tf32_effect = None if grads_tf32_off is None else compare(warm["addrmem"][1], grads_tf32_off)
     reference = None
-    if args.fp64_reference:
-        grads_fp64 = float64_hypergradient(job, inputs)
+    if grads_fp64 is not None:
         reference = {name: compare(grads, grads_fp64) for name, grads in
                      (("addrmem", warm["addrmem"][1]), ("official", agreement_view(official, memory)))}
-    for name, runner in runners.items():
-        runner.update(*warm[name])
-    del warm, official, inputs
+    del warm, official
 
     resident = torch.cuda.memory_allocated(device) if cuda else None
     runs = {name: [] for name in IMPLEMENTATIONS}
     peaks = {name: [] for name in IMPLEMENTATIONS}
     for i in range(1, iterations + 1):
-        inputs = draw_inputs(job, i)
         for name, runner in runners.items():
-            seconds, peak = runner.timed_iteration(inputs)
+            seconds, peak = runner.timed_iteration(i)
             runs[name].append(seconds)
             peaks[name].append(peak)
     seconds = {name: statistics.median(runs[name]) for name in IMPLEMENTATIONS}

@@ -1,21 +1,22 @@
 """Time one outer iteration of distillation (METHOD.md §3.1), part by part.
 
-An outer iteration is:
+An outer iteration is one call of the library's ``addrmem.distill.outer_step``,
+whose parts the benchmark times through its ``phase`` hook:
 
 - **network**: a fresh, seeded network (``addrmem.make_network``, then
   ``.to(device, dtype)``);
 - **1 sample**: the T row-index tensors of the inner loop
   (``memory.sample_index`` for all classes, ``n_per_c`` rows each) and the real
-  batch (``real_per_class`` images per class, without replacement, from a pool
-  of random "real" images resident on the device), all from one seeded
-  generator on the device (and, with ``--augment``, the iteration's
-  flip/rotate transform);
+  batch (``real_per_class`` images per class, without replacement, from an
+  ``addrmem.distill.RealPool`` of random "real" images resident on the
+  device), from the outer loop's seeded CPU generators (and, with
+  ``--augment``, the iteration's flip/rotate transform);
 - **2+3 hypergradient**: ``addrmem.hypergradient``, which is
   **2 inner forward** (T SGD-momentum steps), the outer loss on the real
   batch, and **3 reverse** (T double-backward steps);
-- **4 outer update**: ``addrmem.distill.outer_update`` (the gradients set as
-  ``.grad``, clipped to a global norm of 2.0, one step of SGD(lr 0.1,
-  momentum 0.5); it reads the loss, so it waits for the GPU).
+- **4 outer update**: the gradients set as ``.grad``, clipped to a global
+  norm of 2.0, one step of SGD(lr 0.1, momentum 0.5); it reads the loss, so
+  it waits for the GPU.
 
 The inner lr is 0.01 and the inner momentum 0.9: ``DistillConfig()``'s
 defaults, the official ones (METHOD.md §6).
@@ -88,8 +89,9 @@ try:
 except ImportError:  # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import addrmem
-from addrmem import AddressableMemory, SiameseAugment, hypergradient, make_network
-from addrmem.distill import DistillConfig, make_outer_optimizer, outer_update
+from addrmem import AddressableMemory, make_network
+from addrmem.config import DistillConfig
+from addrmem.distill import RealPool, make_outer_optimizer, outer_generators, outer_step
 from addrmem.networks import NETWORKS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -121,51 +123,37 @@ QUICK = Setting("quick", (1, 8, 8), 10, 1, 4, 2, "convnet", 5, 4, 8, 100, False)
 
 
 class Job:
-    """The state an outer iteration works on: memory, outer optimizer, real
-    pool (class-major, ``pool_per_class`` random images per class) and the
-    sampling generator, all on ``device``."""
+    """What outer iterations work on: the setting's distillation config
+    (``OFFICIAL`` with the setting's network, T, rows and real images per
+    class, augmentation), memory, outer optimizer, real pool
+    (``pool_per_class`` random images per class) and the outer loop's
+    generators, all from ``seed``; the memory and pool on ``device``."""
 
     def __init__(self, setting: Setting, device: torch.device, dtype: torch.dtype, seed: int):
         self.setting, self.device, self.dtype, self.seed = setting, device, dtype, seed
+        self.config = dataclasses.replace(OFFICIAL, network=setting.net, steps=setting.steps,
+                                          n_per_c=setting.n_per_c, real_per_class=setting.real_per_class,
+                                          augment="flip_rotate" if setting.augment else "none")
         g = torch.Generator().manual_seed(seed)
         memory = AddressableMemory.from_budget(setting.ipc, setting.num_classes, setting.image_shape,
                                                setting.n_bases, setting.downsample, generator=g)
         if setting.n_per_c > memory.per_class:
             raise ValueError(f"n_per_c={setting.n_per_c} exceeds the memory's {memory.per_class} rows per class")
         self.memory = memory.to(device=device, dtype=dtype)
-        self.optimizer = make_outer_optimizer(self.memory, OFFICIAL)
+        self.optimizer = make_outer_optimizer(self.memory, self.config)
         n_pool = setting.num_classes * setting.pool_per_class
-        self.pool = torch.randn(n_pool, *setting.image_shape, generator=g).to(device=device, dtype=dtype)
-        self.classes = list(range(setting.num_classes))
-        self.generator = torch.Generator(device).manual_seed(seed)
+        pool = torch.randn(n_pool, *setting.image_shape, generator=g)
+        labels = torch.arange(setting.num_classes).repeat_interleave(setting.pool_per_class)
+        self.real = RealPool(pool, labels, setting.num_classes, device, dtype)
+        self.generators = outer_generators(seed)
         self.iterations = 0
 
-    def sample_real(self):
-        """``real_per_class`` distinct pool images per class: (images (N, C, H, W),
-        labels (N,)), N = num_classes * real_per_class, class-major."""
-        s = self.setting
-        keys = torch.rand(s.num_classes, s.pool_per_class, generator=self.generator, device=self.device)
-        offsets = torch.arange(s.num_classes, device=self.device)[:, None] * s.pool_per_class
-        rows = (keys.topk(s.real_per_class, dim=1).indices + offsets).reshape(-1)
-        return self.pool[rows], rows // s.pool_per_class
-
     def iteration(self, part) -> None:
-        """One outer iteration; ``part(name)`` is a context manager entered
-        around each of PARTS."""
-        s, memory = self.setting, self.memory
+        """One outer iteration (``addrmem.distill.outer_step``); ``part(name)``
+        is a context manager entered around each of PARTS."""
+        outer_step(self.memory, self.optimizer, self.config, self.real, self.generators, self.iterations,
+                   phase=part)
         self.iterations += 1
-        with part("network"):
-            net = make_network(s.net, s.image_shape, s.num_classes, seed=self.seed + self.iterations)
-            net = net.to(device=self.device, dtype=self.dtype)
-        with part("sample"):
-            batches = [memory.sample_index(self.classes, s.n_per_c, self.generator) for _ in range(s.steps)]
-            real_images, real_labels = self.sample_real()
-            augment = SiameseAugment.draw(self.generator) if s.augment else None
-        with part("hypergradient"):
-            loss, grads = hypergradient(memory, net, batches, real_images, real_labels, lr=OFFICIAL.inner_lr,
-                                        momentum=OFFICIAL.inner_momentum, augment=augment)
-        with part("update"):
-            outer_update(memory, self.optimizer, loss, grads, OFFICIAL)
 
 
 class Stopwatch:

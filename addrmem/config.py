@@ -1,0 +1,289 @@
+"""The settings of a distillation run: :class:`DistillConfig`, the dataset
+presets (:data:`PRESETS`), YAML files, the run's random streams
+(:func:`derive_seed`) and the device it runs on (:func:`resolve_device`).
+
+:class:`DistillConfig`'s defaults are the official README example (METHOD.md
+§6); :func:`default_config` adds the tuned settings of a dataset. Configs
+round-trip through YAML (:meth:`DistillConfig.to_yaml`,
+:meth:`DistillConfig.from_yaml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import yaml
+
+from .files import atomic_write_text
+from .networks import NETWORKS
+
+__all__ = ["DistillConfig", "PRESETS", "default_config", "derive_seed", "device_name", "generator",
+           "resolve_device"]
+
+
+@dataclass
+class DistillConfig:
+    """All settings of a distillation run. Defaults: the official README
+    example (METHOD.md §6): CIFAR-10-style IPC 1, K=16 bases at half
+    resolution, T=150, 32 rows per class per step, outer SGD 0.1 / 0.5, clip 2,
+    evaluation by 10 nets x 300 epochs. Use :func:`default_config` for a
+    dataset's tuned settings.
+
+    Data: ``dataset`` (a name known to :func:`addrmem.data.load_dataset`),
+    ``data_root`` (its folder; None for bundled data), ``zca`` (ZCA whitening
+    strength, METHOD.md §3.5: 0 = off; the official code uses 0.1 for CIFAR
+    and 100 for SVHN).
+    Memory: ``memory`` ("addressable" or "image"), ``ipc`` (storage budget in
+    raw images per class, METHOD.md §2), ``n_bases`` (K), ``downsample`` (ds:
+    bases stored at 1/ds resolution; ignored by "image").
+    Inner loop: ``network`` (a name known to :func:`addrmem.networks.make_network`),
+    ``steps`` (T), ``inner_lr``, ``inner_momentum``, ``n_per_c`` (rows per
+    class per step; capped at the rows the memory has), ``task_classes``
+    (classes per outer iteration; 0 = all), ``real_per_class`` (real images
+    per class in the outer loss), ``augment`` ("none" or "flip_rotate",
+    METHOD.md §3.4).
+    Outer loop: ``iterations``, ``outer_optimizer`` ("sgd" or "adam"),
+    ``outer_lr``, ``outer_momentum`` (SGD only), ``clip`` (global grad-norm
+    clip over all memory parameters), ``coeff_reg`` ("none", "l1" or "l2")
+    and ``coeff_reg_alpha``: alpha * dR/dA is added to the addresses'
+    gradient, R = ||A||_1 or ||A||_F over the whole address table (METHOD.md
+    §3.3, §12.4; "addressable" only).
+    Evaluation: every ``eval_every`` iterations (and after the last) ``val_nets``
+    networks measure the memory on the validation split; at the end
+    ``eval_nets`` networks of each architecture in ``network`` +
+    ``eval_archs`` (cross-architecture evaluation, METHOD.md §12.6) measure
+    each method on the test split. Each network trains ``eval_epochs``
+    epochs (``full_data_epochs`` on the full training set; 0 skips that
+    reference) of SGD (``eval_lr``, ``eval_momentum``) in shuffled batches of
+    ``eval_batch``.
+    Run: ``checkpoint_every`` (iterations), ``seed``, ``device`` ("auto":
+    the GPU if torch sees one, else the CPU; or "cpu", "cuda", "cuda:N";
+    see :func:`resolve_device`), ``dtype``
+    ("float32" or "float64"), ``threads`` (CPU intra-op threads that the
+    ``addrmem`` command sets, since results can differ in the last bits with
+    the thread count; 0 leaves torch's default).
+    """
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    zca: float = 0.0
+    memory: str = "addressable"
+    ipc: int = 1
+    n_bases: int = 16
+    downsample: int = 2
+    network: str = "convnet"
+    steps: int = 150
+    inner_lr: float = 0.01
+    inner_momentum: float = 0.9
+    n_per_c: int = 32
+    task_classes: int = 0
+    real_per_class: int = 64
+    augment: str = "none"
+    iterations: int = 1000
+    outer_optimizer: str = "sgd"
+    outer_lr: float = 0.1
+    outer_momentum: float = 0.5
+    clip: float = 2.0
+    coeff_reg: str = "none"
+    coeff_reg_alpha: float = 1e-4
+    eval_every: int = 200
+    val_nets: int = 10
+    eval_nets: int = 10
+    eval_epochs: int = 300
+    eval_batch: int = 640
+    eval_lr: float = 0.01
+    eval_momentum: float = 0.9
+    eval_archs: list[str] = dataclasses.field(default_factory=list)
+    full_data_epochs: int = 300
+    checkpoint_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    threads: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "DistillConfig":
+        """Check types, choices and ranges (floats must be finite; ``device``
+        must name a device, whether or not this machine has it: see
+        :func:`resolve_device`); raises TypeError or ValueError naming the
+        field. Returns self."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            kind = {"int": int, "float": float, "str": str, "str | None": str, "list[str]": list}[field.type]
+            if value is None and field.type == "str | None":
+                continue
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, field.name, value)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise TypeError(f"config field {field.name} must be {field.type}; got {value!r}")
+            if kind is float and not math.isfinite(value):
+                raise ValueError(f"config field {field.name} must be a finite number; got {value}")
+        choices = {"memory": ("addressable", "image"), "augment": ("none", "flip_rotate"),
+                   "outer_optimizer": ("sgd", "adam"), "coeff_reg": ("none", "l1", "l2"),
+                   "dtype": ("float32", "float64")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config field {name} must be one of {', '.join(allowed)}; "
+                                 f"got {getattr(self, name)!r}")
+        for name in ("ipc", "n_bases", "downsample", "steps", "n_per_c", "real_per_class", "iterations",
+                     "eval_every", "val_nets", "eval_nets", "eval_epochs", "eval_batch", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config field {name} must be >= 1; got {getattr(self, name)}")
+        for arch in self.eval_archs:
+            if arch not in NETWORKS:
+                raise ValueError(f"config field eval_archs: unknown network {arch!r}; known: "
+                                 f"{', '.join(sorted(NETWORKS))}")
+        for name in ("task_classes", "seed", "threads", "full_data_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config field {name} must be >= 0; got {getattr(self, name)}")
+        for name in ("inner_lr", "outer_lr", "clip", "eval_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"config field {name} must be > 0; got {getattr(self, name)}")
+        for name in ("inner_momentum", "outer_momentum", "eval_momentum", "coeff_reg_alpha", "zca"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"config field {name} must be >= 0; got {getattr(self, name)}")
+        if not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"config field device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.memory == "image" and self.coeff_reg != "none":
+            raise ValueError("coeff_reg acts on the addresses: it needs memory: addressable")
+        return self
+
+    def device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """The torch device (:func:`resolve_device` of ``device``) and dtype this
+        config runs in on this machine; raises ValueError for a missing device."""
+        return resolve_device(self.device), getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict:
+        """Plain dict of all fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, base: "DistillConfig | None" = None) -> "DistillConfig":
+        """``base`` (default: :func:`default_config` of ``values["dataset"]``,
+        or of the default dataset) with the fields in ``values`` replaced.
+        Raises ValueError for unknown fields."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a config must be a mapping of field: value; got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {', '.join(map(str, unknown))}; "
+                             f"known: {', '.join(sorted(known))}")
+        if base is None:
+            base = default_config(values.get("dataset", cls.dataset))
+        return dataclasses.replace(base, **values)
+
+    def to_yaml(self, path) -> None:
+        """Write the config to ``path`` as YAML (atomically)."""
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path, **overrides) -> "DistillConfig":
+        """Read a config written by :meth:`to_yaml`, or any YAML mapping of
+        some fields (the others come from :func:`default_config` of its
+        dataset), with the fields in ``overrides`` replaced. Numbers such as
+        ``1e-2`` are floats (YAML 1.2; PyYAML's YAML 1.1 wants ``1.0e-2``).
+        Raises FileNotFoundError or ValueError (naming the file)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config file at {str(path)!r}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = yaml.load(f, Loader=_YamlLoader)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{str(path)!r} is not a text file ({exc.reason} at byte {exc.start}): a config "
+                             f"is YAML text of 'field: value' lines") from exc
+        except yaml.YAMLError as exc:
+            lines = str(exc).strip().splitlines()
+            raise ValueError(f"{str(path)!r} is not valid YAML: {lines[0]}") from exc
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{str(path)!r} must hold a YAML mapping of config fields")
+        return cls.from_dict({**values, **overrides})
+
+
+PRESETS = {
+    # `addrmem distill` with no arguments: a few minutes on two CPU cores. At
+    # IPC 1 an 8x8 digit budget is 640 floats and a full-resolution base costs
+    # 64 of them, so K=7 bases leave 2 addressing rows per class (588 floats);
+    # half-resolution (4x4) bases lose the strokes. The MLP, not the ConvNet:
+    # on 8x8 inputs the ConvNet's third block normalises 2x2 maps, learns
+    # slowly at lr 0.01 and costs ~40x more per inner step on the CPU. Adam,
+    # not SGD 0.1: hypergradient norms here are ~0.01-0.1, so SGD barely moves
+    # the memory in a few hundred iterations. One thread: these ops are too
+    # small for a second one to pay for its synchronisation.
+    "digits": dict(network="mlp", n_bases=7, downsample=1, steps=100, iterations=300, outer_optimizer="adam",
+                   outer_lr=0.03, eval_every=50, val_nets=2, eval_nets=5, eval_epochs=300,
+                   checkpoint_every=50, threads=1),
+}
+"""dataset name -> the fields :func:`default_config` changes for it."""
+
+
+def default_config(dataset: str = "digits", **overrides) -> DistillConfig:
+    """The config for ``dataset``: the official defaults, then the dataset's
+    :data:`PRESETS`, then ``overrides`` (field=value)."""
+    return DistillConfig(**{"dataset": dataset, **PRESETS.get(dataset, {}), **overrides})
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-2`` as a float as YAML 1.2 does."""
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
+
+
+def derive_seed(seed: int, *keys) -> int:
+    """A 63-bit seed for the stream named by ``keys`` (ints or strings) of run
+    seed ``seed``, via numpy's SeedSequence: independent streams, stable
+    across platforms and versions."""
+    words = [seed] + [zlib.crc32(str(k).encode()) for k in keys]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def generator(seed: int, *keys) -> torch.Generator:
+    """A CPU torch.Generator seeded with :func:`derive_seed` (``seed``, ``keys``)."""
+    return torch.Generator().manual_seed(derive_seed(seed, *keys))
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch.device that ``name`` ("auto", "cpu", "cuda" or "cuda:N") runs
+    on here: "auto" is cuda (the current GPU) when torch sees a GPU, else
+    the CPU. Raises ValueError naming the fix for a device this machine does
+    not have (cuda without a GPU, cuda:N beyond the GPUs) or an unknown name."""
+    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: torch sees no CUDA GPU on this machine"
+                             f"{'' if torch.version.cuda else ' (this torch is built without CUDA)'}: "
+                             f"use --device cpu (or auto)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r} does not exist: this machine has {count} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    """``device`` in words, as results.json records it: "cpu" or "cuda (GPU name)"."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type

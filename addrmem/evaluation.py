@@ -1,0 +1,95 @@
+"""Evaluation: train fresh networks on given images and measure them (METHOD.md §5).
+
+:func:`evaluate` is what monitors a distillation on the validation split and
+what tests every method on the test split; :class:`Accuracy` is its result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .augment import augment_per_image
+from .config import DistillConfig, derive_seed, generator
+from .data import Dataset
+from .networks import make_network
+
+__all__ = ["Accuracy", "evaluate"]
+
+
+@dataclass
+class Accuracy:
+    """Accuracy (%) of ``len(runs)`` networks: mean and population std (as
+    the official code's np.std)."""
+
+    mean: float
+    std: float
+    runs: list
+
+    @classmethod
+    def of(cls, runs) -> "Accuracy":
+        """From a list of per-network accuracies (%)."""
+        runs = [float(r) for r in runs]
+        return cls(float(np.mean(runs)), float(np.std(runs)), runs)
+
+    def __str__(self):
+        return f"{self.mean:.2f} ± {self.std:.2f}"
+
+
+@torch.no_grad()
+def _accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 1024) -> float:
+    """Top-1 accuracy (%) of ``net`` on images (N, C, H, W), labels (N,)."""
+    net.eval()
+    correct = 0
+    for start in range(0, len(labels), batch):
+        logits = net(images[start:start + batch])
+        correct += int((logits.argmax(1) == labels[start:start + batch]).sum())
+    return 100.0 * correct / len(labels)
+
+
+def evaluate(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, config: DistillConfig,
+             n_nets: int, *, split: str = "val", seed: int = 0, network: str | None = None,
+             progress: bool = True, desc: str = "evaluate") -> Accuracy:
+    """Train ``n_nets`` fresh networks on (images (N, C, H, W), labels (N,)
+    int64) and measure them on ``dataset``'s ``split`` ("val" or "test").
+
+    Each network (``network``, default ``config.network``) starts from its own
+    seeded init (network j of seed s is the same for every call, so methods
+    compared with the same seed see the same networks) and trains
+    ``config.eval_epochs`` epochs of SGD (``eval_lr``, ``eval_momentum``, no
+    weight decay) in shuffled batches of ``eval_batch``, with per-image
+    flip/rotate augmentation at every step if ``config.augment`` is on
+    (METHOD.md §5). Runs on ``config.device`` in ``config.dtype``. Returns the
+    :class:`Accuracy` (%) of the ``n_nets`` networks on the split.
+    """
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test'; got {split!r}")
+    device, dtype = config.device_dtype()
+    images = images.detach().to(device, dtype)
+    labels = labels.to(device)
+    eval_images, eval_labels = getattr(dataset, split)
+    eval_images, eval_labels = eval_images.to(device, dtype), eval_labels.to(device)
+    runs = []
+    for j in tqdm(range(n_nets), desc=desc, leave=False, disable=None if progress else True):
+        net = make_network(network or config.network, dataset.image_shape, dataset.num_classes,
+                           seed=derive_seed(seed, "net", j)).to(device, dtype)
+        draws = generator(seed, "batches", j)
+        optimizer = torch.optim.SGD(net.parameters(), lr=config.eval_lr, momentum=config.eval_momentum)
+        net.train()
+        for _ in range(config.eval_epochs):
+            order = torch.randperm(len(labels), generator=draws).to(device)
+            for start in range(0, len(labels), config.eval_batch):
+                batch = order[start:start + config.eval_batch]
+                x = images[batch]
+                if config.augment == "flip_rotate":
+                    x = augment_per_image(x, draws)
+                loss = F.cross_entropy(net(x), labels[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        runs.append(_accuracy(net, eval_images, eval_labels))
+    return Accuracy.of(runs)

@@ -1,0 +1,127 @@
+"""The experiment ``addrmem distill`` runs: the addressable memory against its
+baselines at the same storage budget (:func:`run_experiment`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import torch
+
+from .config import DistillConfig, derive_seed, device_name, generator
+from .data import Dataset
+from .distill import build_memory, distill
+from .evaluation import evaluate
+from .files import atomic_write_text
+from .networks import make_network
+from .runs import BASELINE_DIR, create_run_folder
+
+__all__ = ["eval_networks", "run_experiment"]
+
+
+def eval_networks(config: DistillConfig) -> list:
+    """The architectures the test split is measured with: ``config.network``,
+    then each other one of ``config.eval_archs``, in order, once each."""
+    return list(dict.fromkeys([config.network, *config.eval_archs]))
+
+
+def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume: bool = False,
+                   progress: bool = True) -> dict:
+    """Distill ``config``'s memory into ``run_dir`` and compare, at the same
+    storage budget and on the test split (each measured once, by
+    ``eval_nets`` networks that are the same for every method):
+
+    * ``addressable`` (or ``image``): the memory :func:`distill` returns;
+    * ``image``: for an addressable config, the ImageMemory baseline distilled
+      the same way (``run_dir/baseline-image``);
+    * ``random_real``: ``ipc`` random real training images per class;
+    * ``full_data``: the whole training split (``full_data_epochs`` epochs;
+      left out if 0).
+
+    Each is tested with every architecture of :func:`eval_networks`.
+    ``run_dir`` must be new or empty (it is created), unless ``resume``.
+    Everything that can fail on bad input (config, budget, networks, a
+    dataset loaded with other preprocessing than ``config.zca``) fails before
+    the folder is written (:func:`addrmem.runs.create_run_folder`). Writes
+    ``results.json`` (atomically) and returns
+    its dict: ``methods`` maps each name to {"test": Accuracy fields of
+    ``config.network``, "archs": {arch: Accuracy fields}, "num_floats",
+    "images", and for memories "iteration" and "val"}, a function of the
+    config alone; ``seconds`` maps each name to {"distill", "test"} seconds
+    (wall clock, unrounded), which add up to ``distill_seconds``,
+    ``test_seconds`` and ``wall_seconds``.
+    """
+    config.validate()
+    if (config.zca > 0) != (dataset.zca is not None):
+        raise ValueError(f"the config asks for zca {config.zca} but the dataset was loaded "
+                         f"{'with' if dataset.zca is not None else 'without'} ZCA: load it with zca=config.zca")
+    configs = {config.memory: config}
+    if config.memory == "addressable":
+        configs["image"] = dataclasses.replace(config, memory="image")
+    for cfg in configs.values():  # the budget and the networks must fit before anything is written
+        build_memory(cfg, dataset)
+    for arch in eval_networks(config):
+        make_network(arch, dataset.image_shape, dataset.num_classes, seed=0)
+    if resume:
+        saved = DistillConfig.from_yaml(os.path.join(run_dir, "config.yaml"))
+        if saved != config:
+            raise ValueError(f"the config differs from {run_dir!r}/config.yaml: resume with the saved config")
+    else:
+        create_run_folder(run_dir)
+        config.to_yaml(os.path.join(run_dir, "config.yaml"))
+    test_seed = derive_seed(config.seed, "test")
+    archs = eval_networks(config)
+
+    def test(images, labels, name, epochs=config.eval_epochs):
+        """{arch: Accuracy fields} and the seconds it took."""
+        start = time.perf_counter()
+        tested = dataclasses.replace(config, eval_epochs=epochs)
+        accs = {arch: dataclasses.asdict(evaluate(images, labels, dataset, tested, config.eval_nets, split="test",
+                                                  seed=test_seed, network=arch, progress=progress,
+                                                  desc=f"test {name} ({arch})"))
+                for arch in archs}
+        return accs, time.perf_counter() - start
+
+    methods, seconds = {}, {}
+    for kind, cfg in configs.items():
+        folder = run_dir if kind == config.memory else os.path.join(run_dir, BASELINE_DIR)
+        os.makedirs(folder, exist_ok=True)
+        if folder != run_dir and not os.path.exists(os.path.join(folder, "config.yaml")):
+            cfg.to_yaml(os.path.join(folder, "config.yaml"))
+        result = distill(cfg, dataset, folder, resume=resume, progress=progress)
+        images, labels = result.memory.recall()
+        accs, test_seconds = test(images, labels, kind)
+        methods[kind] = {"test": accs[config.network], "archs": accs, "num_floats": result.memory.num_floats(),
+                         "images": len(labels), "per_class": result.memory.per_class,
+                         "iteration": result.iteration, "val": dataclasses.asdict(result.val)}
+        seconds[kind] = {"distill": result.seconds, "test": test_seconds}
+    pick = generator(config.seed, "random_real")
+    train_images, train_labels = dataset.train
+    subset = torch.cat([(train_labels == c).nonzero().squeeze(1)[
+        torch.randperm(int((train_labels == c).sum()), generator=pick)[:config.ipc]]
+        for c in range(dataset.num_classes)])
+    references = {"random_real": (subset, config.eval_epochs)}
+    if config.full_data_epochs:
+        references["full_data"] = (torch.arange(len(train_labels)), config.full_data_epochs)
+    for kind, (rows, epochs) in references.items():
+        accs, test_seconds = test(train_images[rows], train_labels[rows], kind.replace("_", " "), epochs)
+        methods[kind] = {"test": accs[config.network], "archs": accs,
+                         "num_floats": rows.numel() * math.prod(dataset.image_shape), "images": rows.numel(),
+                         "epochs": epochs}
+        seconds[kind] = {"distill": 0.0, "test": test_seconds}
+    distill_seconds = sum(s["distill"] for s in seconds.values())
+    test_seconds = sum(s["test"] for s in seconds.values())
+    results = {
+        "dataset": dataset.name, "ipc": config.ipc, "seed": config.seed, "iterations": config.iterations,
+        "network": config.network, "archs": archs, "zca": config.zca,
+        "eval_nets": config.eval_nets, "eval_epochs": config.eval_epochs, "test_images": len(dataset.test[1]),
+        "methods": methods, "seconds": seconds, "distill_seconds": distill_seconds, "test_seconds": test_seconds,
+        "wall_seconds": distill_seconds + test_seconds,
+        "device": device_name(config.device_dtype()[0]), "threads": torch.get_num_threads(),
+    }
+    atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
+    return results
+
