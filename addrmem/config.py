@@ -2,9 +2,9 @@
 presets (:data:`PRESETS`), YAML files, the run's random streams
 (:func:`derive_seed`) and the device it runs on (:func:`resolve_device`).
 
-:class:`DistillConfig`'s defaults are the official README example (METHOD.md
-§6); :func:`default_config` adds the tuned settings of a dataset. Configs
-round-trip through YAML (:meth:`DistillConfig.to_yaml`,
+:class:`DistillConfig`'s defaults are the official README example
+(docs/method.md, "Reference settings"); :func:`default_config` adds the
+tuned settings of a dataset (:data:`PRESETS`). Configs round-trip through YAML (:meth:`DistillConfig.to_yaml`,
 :meth:`DistillConfig.from_yaml`).
 """
 
@@ -31,44 +31,45 @@ __all__ = ["DistillConfig", "PRESETS", "default_config", "derive_seed", "device_
 @dataclass
 class DistillConfig:
     """All settings of a distillation run. Defaults: the official README
-    example (METHOD.md §6): CIFAR-10-style IPC 1, K=16 bases at half
-    resolution, T=150, 32 rows per class per step, outer SGD 0.1 / 0.5, clip 2,
-    evaluation by 10 nets x 300 epochs. Use :func:`default_config` for a
-    dataset's tuned settings.
+    example (docs/method.md, "Reference settings"): CIFAR-10-style IPC 1,
+    K=16 bases at half resolution, T=150, 32 rows per class per step, outer
+    SGD 0.1 / 0.5, clip 2, evaluation by 10 nets x 300 epochs. Use
+    :func:`default_config` for a dataset's tuned settings.
 
     Data: ``dataset`` (a name known to :func:`addrmem.data.load_dataset`),
     ``data_root`` (its folder; None for bundled data), ``zca`` (ZCA whitening
-    strength, METHOD.md §3.5: 0 = off; the official code uses 0.1 for CIFAR
-    and 100 for SVHN).
+    strength, docs/method.md "Preprocessing": 0 = off; the official code
+    uses 0.1 for CIFAR and 100 for SVHN).
     Memory: ``memory`` ("addressable" or "image"), ``ipc`` (storage budget in
-    raw images per class, METHOD.md §2), ``n_bases`` (K), ``downsample`` (ds:
-    bases stored at 1/ds resolution; ignored by "image").
+    raw images per class, docs/method.md "The storage budget"), ``n_bases``
+    (K), ``downsample`` (ds: bases stored at 1/ds resolution; ignored by
+    "image").
     Inner loop: ``network`` (a name known to :func:`addrmem.networks.make_network`),
     ``steps`` (T), ``inner_lr``, ``inner_momentum``, ``n_per_c`` (rows per
     class per step; capped at the rows the memory has), ``task_classes``
     (classes per outer iteration; 0 = all), ``real_per_class`` (real images
     per class in the outer loss), ``augment`` ("none" or "flip_rotate",
-    METHOD.md §3.4).
+    docs/method.md "Augmentation").
     Outer loop: ``iterations``, ``outer_optimizer`` ("sgd" or "adam"),
     ``outer_lr``, ``outer_momentum`` (SGD only), ``clip`` (global grad-norm
     clip over all memory parameters), ``coeff_reg`` ("none", "l1" or "l2")
     and ``coeff_reg_alpha``: alpha * dR/dA is added to the addresses'
-    gradient, R = ||A||_1 or ||A||_F over the whole address table (METHOD.md
-    §3.3, §12.4; "addressable" only).
+    gradient, R = ||A||_1 or ||A||_F over the whole address table
+    (docs/method.md "The outer update"; "addressable" only).
     Evaluation: every ``eval_every`` iterations (and after the last) ``val_nets``
     networks measure the memory on the validation split; at the end
     ``eval_nets`` networks of each architecture in ``network`` +
-    ``eval_archs`` (cross-architecture evaluation, METHOD.md §12.6) measure
-    each method on the test split. Each network trains ``eval_epochs``
-    epochs (``full_data_epochs`` on the full training set; 0 skips that
-    reference) of SGD (``eval_lr``, ``eval_momentum``) in shuffled batches of
+    ``eval_archs`` (cross-architecture evaluation) measure each method on
+    the test split. Each network trains ``eval_epochs`` epochs
+    (``full_data_epochs`` on the full training set; 0 skips that reference)
+    of SGD (``eval_lr``, ``eval_momentum``) in shuffled batches of
     ``eval_batch``.
     Run: ``checkpoint_every`` (iterations), ``seed``, ``device`` ("auto":
-    the GPU if torch sees one, else the CPU; or "cpu", "cuda", "cuda:N";
-    see :func:`resolve_device`), ``dtype``
-    ("float32" or "float64"), ``threads`` (CPU intra-op threads that the
-    ``addrmem`` command sets, since results can differ in the last bits with
-    the thread count; 0 leaves torch's default).
+    a CUDA GPU if torch sees one, else the CPU; or "cpu", "cuda",
+    "cuda:N"; see :func:`resolve_device`), ``dtype`` ("float32" or
+    "float64"), ``threads`` (CPU intra-op threads that the ``addrmem``
+    command sets, since results can differ in the last bits with the thread
+    count; 0 leaves torch's default). All floats must be finite.
     """
 
     dataset: str = "digits"

@@ -1,11 +1,12 @@
 """Distillation: one outer step (:func:`outer_step`) and the outer loop (:func:`distill`).
 
-An outer step (METHOD.md §3.1) draws a class subset, an augmentation, a fresh
-network, T row indices and a real batch, takes the exact hypergradient
-(:func:`addrmem.hypergradient.hypergradient`), clips it globally and steps the
-outer optimizer. :func:`distill` repeats it, monitors accuracy on the
+An outer step (docs/method.md, "One outer iteration") draws a class subset,
+an augmentation, a fresh network, T row indices and a real batch, takes the
+exact hypergradient (:func:`addrmem.hypergradient.hypergradient`), clips it
+globally and steps the outer optimizer. :func:`distill` repeats it, monitors accuracy on the
 validation split, checkpoints into a run folder (:mod:`addrmem.runs`) and
-returns the memory with the best validation accuracy (METHOD.md §12.3).
+returns the memory with the best validation accuracy (docs/method.md, "Where
+addrmem departs from the official code").
 
 Every random draw comes from a torch.Generator seeded from ``config.seed``
 (:func:`addrmem.config.derive_seed`), one stream per kind of draw
@@ -92,7 +93,8 @@ class RealPool:
 
 def outer_step(memory, optimizer: torch.optim.Optimizer, config: DistillConfig, real: RealPool,
                generators: dict, iteration: int = 0, *, gradient=None, phase=None) -> tuple[float, float]:
-    """One outer iteration of distillation (METHOD.md §3.1, §12.4), in place on
+    """One outer iteration of distillation (docs/method.md, "One outer
+    iteration"), in place on
     ``memory`` (an AddressableMemory or ImageMemory) and ``optimizer`` (from
     :func:`make_outer_optimizer`):
 
@@ -229,7 +231,8 @@ class _Run:
 
 def distill(config: DistillConfig, dataset: Dataset, run_dir: str | None = None, resume: bool = False,
             progress: bool = True) -> DistillResult:
-    """Distill ``dataset`` into a memory (METHOD.md §3.1).
+    """Distill ``dataset`` into a memory (docs/method.md, "One outer
+    iteration").
 
     Outer iteration ``it`` (0 .. iterations-1): evaluate on the validation
     split if ``it % eval_every == 0``, then :func:`outer_step`. After the last

@@ -1,4 +1,5 @@
-"""Evaluation: train fresh networks on given images and measure them (METHOD.md §5).
+"""Evaluation: train fresh networks on given images and measure them
+(docs/method.md, "Evaluation protocol").
 
 :func:`evaluate` is what monitors a distillation on the validation split and
 what tests every method on the test split; :class:`Accuracy` is its result.
@@ -63,8 +64,9 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, confi
     ``config.eval_epochs`` epochs of SGD (``eval_lr``, ``eval_momentum``, no
     weight decay) in shuffled batches of ``eval_batch``, with per-image
     flip/rotate augmentation at every step if ``config.augment`` is on
-    (METHOD.md §5). Runs on ``config.device`` in ``config.dtype``. Returns the
-    :class:`Accuracy` (%) of the ``n_nets`` networks on the split.
+    (docs/method.md, "Evaluation protocol"). Runs on ``config.device`` in
+    ``config.dtype``. Returns the :class:`Accuracy` (%) of the ``n_nets``
+    networks on the split.
     """
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test'; got {split!r}")

@@ -1,9 +1,10 @@
-"""The exact hypergradient of one outer iteration (METHOD.md §3.1-3.2).
+"""The exact hypergradient of one outer iteration (docs/method.md,
+"The hypergradient").
 
 Forward: T steps of SGD with momentum (PyTorch semantics: v <- mu*v + g with
 v_0 = 0, w <- w - lr*v; no weight decay, no dampening, no Nesterov) from the
 network's weights, on mean cross-entropy of recalled minibatches; then the
-outer loss on the real batch. Backward: the reverse recurrence of §3.2, which
+outer loss on the real batch. Backward: the reverse recurrence of that section, which
 recomputes each step's loss at its stored weights (one double backward per
 step, through the memory's synthesis) instead of keeping T step graphs.
 
@@ -69,7 +70,8 @@ def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentu
             same dtype and device as the memory; its weights are theta_0 and
             are left unchanged.
         batches: sequence of T >= 1 int64 (N_t,) row indices into the memory,
-            one per inner step (repeats allowed); checked once, up front.
+            one per inner step (repeats allowed); their type and device are
+            checked up front, their range where the rows are read (IndexError).
         real_images: (N, C, H, W) real batch, the memory's dtype, device
             and image shape; real_labels: (N,) int64 on the same device.
         lr, momentum: the inner SGD's learning rate (finite, > 0) and
@@ -103,7 +105,7 @@ def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentu
         raise ValueError(f"the network is {w.dtype} on {w.device} but the memory is "
                          f"{mem_params[0].dtype} on {mem_params[0].device}")
     _check_real_batch(real_images, real_labels, mem_params[0], memory.image_shape)
-    memory.validate_index(torch.cat(batches))  # every batch at once: one host sync
+    memory.validate_index(torch.cat(batches))  # every batch at once (rows are range-checked when read)
     augment = augment if augment is not None else (lambda images: images)
 
     def step_loss(flat, index):
@@ -128,7 +130,7 @@ def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentu
     loss = flatnet.loss(flat, augment(real_images), real_labels)
     (dw,) = torch.autograd.grad(loss, flat)
 
-    # Reverse (§3.2): dv = dL/dv_{t+1}, dw = dL/dw_{t+1}.
+    # Reverse: dv = dL/dv_{t+1}, dw = dL/dw_{t+1}.
     with record_function("addrmem.reverse"):
         grads = [torch.zeros_like(p) for p in mem_params]
         dv = torch.zeros_like(dw)

@@ -1,7 +1,8 @@
 """Seconds per outer iteration and peak GPU memory: addrmem against the official algorithm.
 
-Two implementations of one outer iteration of distillation (METHOD.md §3.1,
-§3.2) run on the same job, the same device, in one process:
+Two implementations of one outer iteration of distillation (docs/method.md,
+"One outer iteration" and "The hypergradient") run on the same job, the same
+device, in one process:
 
 - **(a) addrmem**: the library's outer step, ``addrmem.distill.outer_step``,
   whose hypergradient is ``addrmem.hypergradient`` (weights kept on the
@@ -15,9 +16,9 @@ Two implementations of one outer iteration of distillation (METHOD.md §3.1,
   momentum written out (v <- mu*v + g, w <- w - lr*v) on the network
   module's parameters, keeping before each step a ``copy.deepcopy`` of the
   network moved to the CPU, and the step's row index. The reverse pass is
-  §3.2's: for t = T-1..0 the step-t copy is moved back to the device (in
-  place, so the copies stay there until the iteration ends, as in the
-  official code), the step's loss is recomputed with ``create_graph=True``
+  docs/method.md's: for t = T-1..0 the step-t copy is moved back to the
+  device (in place, so the copies stay there until the iteration ends, as
+  in the official code), the step's loss is recomputed with ``create_graph=True``
   and one ``torch.autograd.grad`` of <g_t, dv> gives the weights' and the
   memory's parts (a double backward per step). It runs inside the same
   ``outer_step`` as (a), given as its ``gradient``: the two tables are the
@@ -25,7 +26,8 @@ Two implementations of one outer iteration of distillation (METHOD.md §3.1,
   and the update (global clip 2, SGD lr 0.1, momentum 0.5) are the same code.
 
 Inner lr 0.01 and momentum 0.9 (``DistillConfig()``'s defaults, the
-official ones, METHOD.md §6); no augmentation (the README job's ``none``).
+official ones, docs/method.md, "Reference settings"); no augmentation (the
+README job's ``none``).
 
 What is compared. Outer iteration i of each implementation draws its inputs
 from the outer loop's generators seeded with ``derive_seed(seed, "inputs",
@@ -79,9 +81,9 @@ the official-style implementation was measured at 4.39 s per outer iteration;
 benchmark prints whether this run meets them; it never fails on time (the
 exit status is 0 unless the arguments are bad).
 
-Settings: the default is the README's CIFAR-10 IPC-1 job (METHOD.md §6,
-``outer_step.DEFAULT``): ``AddressableMemory.from_budget(1, 10, (3, 32, 32),
-16, 2)`` (115 rows per class), ConvNet, T = 150, 32 rows per class per step
+Settings: the default is the README's CIFAR-10 IPC-1 job (docs/method.md,
+"Reference settings", ``outer_step.DEFAULT``):
+``AddressableMemory.from_budget(1, 10, (3, 32, 32), 16, 2)`` (115 rows per class), ConvNet, T = 150, 32 rows per class per step
 (320 synthetic images), 64 real images per class. ``--quick`` is
 ``outer_step.QUICK``'s tiny job (1x8x8, T = 5) that runs in seconds on a CPU.
 ``--net`` picks another network of ``addrmem.networks.NETWORKS``.
@@ -117,7 +119,7 @@ except ImportError:  # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import addrmem  # noqa: F401
 from addrmem import hypergradient, make_network
-from addrmem.config import derive_seed
+from addrmem.config import derive_seed, resolve_device
 from addrmem.distill import make_outer_optimizer, outer_generators, outer_step
 from addrmem.networks import NETWORKS
 
@@ -134,7 +136,7 @@ REFERENCE_OFFICIAL_SECONDS = 4.39  # (b) measured by the project lead on one H10
 
 
 class OfficialStyle(nn.Module):
-    """The official algorithm (METHOD.md §3.1-3.2), written plainly.
+    """The official algorithm (docs/method.md), written plainly.
 
     Parameters ``addresses`` (n_cls * r, K) and ``bases`` (K, C*h*w): copies of
     an ``AddressableMemory``'s initial values, so both start equal. Its rows
@@ -321,21 +323,22 @@ def parse_args(argv):
             p.error(f"--{name} must be at least 1")
     if args.seed < 0:
         p.error("--seed must be >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch sees no CUDA device")
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.tf32 and args.dtype != "float32":
         p.error("--tf32 applies to float32 only")
     if args.fp64_reference and args.dtype != "float32":
         p.error("--fp64-reference applies to float32 only")
-    if args.tf32 and (args.device == "cpu" or not torch.cuda.is_available()):
+    if args.tf32 and args.device.type != "cuda":
         p.error("--tf32 needs a CUDA device")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = args.device
     cuda = device.type == "cuda"
     base = QUICK if args.quick else DEFAULT
     overrides = {"steps": args.steps, "net": args.net}

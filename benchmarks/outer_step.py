@@ -1,4 +1,5 @@
-"""Time one outer iteration of distillation (METHOD.md §3.1), part by part.
+"""Time one outer iteration of distillation, part by part (docs/method.md,
+"One outer iteration").
 
 An outer iteration is one call of the library's ``addrmem.distill.outer_step``,
 whose parts the benchmark times through its ``phase`` hook:
@@ -19,7 +20,7 @@ whose parts the benchmark times through its ``phase`` hook:
   it waits for the GPU.
 
 The inner lr is 0.01 and the inner momentum 0.9: ``DistillConfig()``'s
-defaults, the official ones (METHOD.md §6).
+defaults, the official ones (docs/method.md, "Reference settings").
 
 How it is timed. Two passes over the same job, after one warm-up iteration:
 
@@ -47,7 +48,8 @@ Peak memory on CUDA is ``torch.cuda.max_memory_allocated`` over the wall pass,
 next to what was allocated before it (memory, optimizer state, the real pool);
 on the CPU it is not measured (n/a).
 
-Settings: the default is the README's CIFAR-10 IPC-1 job (METHOD.md §6):
+Settings: the default is the README's CIFAR-10 IPC-1 job (docs/method.md,
+"Reference settings"):
 ``AddressableMemory.from_budget(1, 10, (3, 32, 32), 16, 2)`` (115 rows per
 class), ConvNet width 128 depth 3, T = 150, 32 rows per class per step (320
 synthetic images), 64 real images per class (640) from a pool of 4500 per
@@ -90,12 +92,12 @@ except ImportError:  # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import addrmem
 from addrmem import AddressableMemory, make_network
-from addrmem.config import DistillConfig
+from addrmem.config import DistillConfig, resolve_device
 from addrmem.distill import RealPool, make_outer_optimizer, outer_generators, outer_step
 from addrmem.networks import NETWORKS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-OFFICIAL = DistillConfig()  # inner lr 0.01 / momentum 0.9, outer SGD 0.1 / 0.5, clip 2 (METHOD.md §6)
+OFFICIAL = DistillConfig()  # inner lr 0.01 / momentum 0.9, outer SGD 0.1 / 0.5, clip 2 (the official settings)
 PARTS = ("network", "sample", "hypergradient", "update")  # the benchmark's ranges, in order
 LOOPS = ("inner_forward", "reverse")  # addrmem.hypergradient's ranges, in order
 
@@ -314,7 +316,7 @@ def parse_args(argv):
     p.add_argument("--n-per-c", type=int, metavar="N",
                    help="memory rows per class per inner step (default: 32, 4 with --quick)")
     p.add_argument("--net", choices=sorted(NETWORKS), help="network (default: convnet)")
-    p.add_argument("--augment", action="store_true", help="flip/rotate augmentation (METHOD.md §3.4)")
+    p.add_argument("--augment", action="store_true", help="flip/rotate augmentation (docs/method.md)")
     p.add_argument("--iterations", type=int, metavar="N",
                    help="timed outer iterations per pass, after one warm-up (default: 5, 3 with --quick)")
     p.add_argument("--seed", type=int, default=0)
@@ -324,15 +326,16 @@ def parse_args(argv):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch sees no CUDA device")
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = args.device
     cuda = device.type == "cuda"
     base = QUICK if args.quick else DEFAULT
     overrides = {"steps": args.steps, "n_per_c": args.n_per_c, "net": args.net}

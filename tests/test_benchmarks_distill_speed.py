@@ -119,7 +119,7 @@ def test_bad_arguments(argv, capsys):
 def test_device_cuda_without_cuda_is_a_bad_argument(capsys):
     with pytest.raises(SystemExit) as exc:
         load_script().main(["--quick", "--device", "cuda"])
-    assert exc.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+    assert exc.value.code == 2 and "torch sees no CUDA GPU" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

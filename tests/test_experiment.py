@@ -45,6 +45,13 @@ def test_seconds_keep_full_precision(digits, tmp_path, monkeypatch):
     assert results["wall_seconds"] == results["distill_seconds"] + results["test_seconds"]
 
 
+def test_the_baseline_of_a_regularised_memory_has_no_regulariser(digits, tmp_path):
+    run = tmp_path / "run"
+    results = run_experiment(tiny(coeff_reg="l1", iterations=1, full_data_epochs=0), digits, str(run), progress=False)
+    assert set(results["methods"]) == {"addressable", "image", "random_real"}
+    assert "coeff_reg: none" in (run / "baseline-image" / "config.yaml").read_text()
+
+
 def test_cross_architecture_and_no_full_data(digits, tmp_path):
     config = tiny(eval_archs=["convnet", "mlp"], full_data_epochs=0)
     results = run_experiment(config, digits, str(tmp_path / "run"), progress=False)

@@ -147,6 +147,26 @@ def test_bad_inputs():
         hypergradient(memory, net.float(), batches, real_images, real_labels, **kw)
 
 
+@pytest.mark.parametrize("change, match", [
+    (dict(real_images=lambda x: x.float()), r"real_images are torch.float32 .* memory is torch.float64"),
+    (dict(real_images=lambda x: x[:, :1]), r"real_images must have shape \(N, 3, 8, 8\)"),
+    (dict(real_labels=lambda y: y.int()), "real_labels must be int64"),
+    (dict(real_labels=lambda y: y[:-1]), r"real_labels must be int64 \(9,\)"),
+    (dict(lr=float("nan")), "lr must be a finite number > 0; got nan"),
+    (dict(lr=0.0), "lr must be a finite number > 0"),
+    (dict(lr=True), "lr must be a finite number > 0"),
+    (dict(momentum=float("inf")), "momentum must be a finite number >= 0; got inf"),
+    (dict(momentum=-0.5), "momentum must be a finite number >= 0"),
+])
+def test_bad_real_batch_and_rates_name_the_argument(change, match):
+    memory, net = make_memory("addressable"), make_net("mlp")
+    batches, real_images, real_labels = make_problem(memory)
+    args = dict(real_images=real_images, real_labels=real_labels, lr=LR, momentum=0.9)
+    args.update({k: v(args[k]) if callable(v) else v for k, v in change.items()})
+    with pytest.raises(ValueError, match=match):
+        hypergradient(memory, net, batches, **args)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("memory_kind", ["addressable", "image"])
 def test_cuda_matches_cpu(memory_kind):

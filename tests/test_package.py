@@ -1,0 +1,30 @@
+"""The addrmem package: ``import addrmem.ops`` (and the torch-only modules)
+needs torch alone; the rest of the public API loads on first use."""
+
+import subprocess
+import sys
+
+import addrmem
+
+
+def test_the_op_and_the_memories_need_torch_alone():
+    code = ("import sys\n"
+            "for name in ('numpy', 'yaml', 'tqdm', 'torchvision'): sys.modules[name] = None  # not installed\n"
+            "import addrmem.ops, addrmem\n"
+            "assert addrmem.synthesize and addrmem.AddressableMemory and addrmem.hypergradient\n"
+            "try:\n"
+            "    addrmem.DistillConfig\n"
+            "except ImportError:\n"
+            "    print('lazy')\n")
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "lazy", done.stderr
+
+
+def test_every_public_name_resolves_to_the_object_not_its_module():
+    import addrmem.distill  # noqa: F401  imports addrmem.evaluation and addrmem.hypergradient as modules
+
+    for name in addrmem.__all__:
+        value = getattr(addrmem, name)
+        assert getattr(value, "__name__", name) == name or name == "NETWORKS", name
+        assert not isinstance(value, type(addrmem)), name
+    assert sorted(addrmem.__all__) == addrmem.__all__ and set(addrmem.__all__) <= set(dir(addrmem))
