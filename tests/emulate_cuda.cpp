@@ -1,15 +1,31 @@
-// Runs the CUDA kernels of csrc/synthesize_kernels.cuh as host code, so that
-// their tiling, indexing and reductions are tested on machines without a GPU
-// (tests/test_cuda_emulated.py builds this file with g++ and calls it through
-// ctypes). Each block's threads are real threads: __syncthreads() is a barrier
-// and __shfl_xor_sync exchanges through a buffer between two barriers. Blocks
-// run one after another (each thread loops over them, with a barrier between
-// blocks), so a block's __shared__ variables can be statics.
+// Runs the CUDA kernels and launch sequences of csrc/synthesize_kernels.cuh as
+// host code, for every dtype the op dispatches (double; float, c10::Half and
+// c10::BFloat16 accumulating in float), so that their tiling, indexing and
+// reductions are tested on machines without a GPU (tests/test_cuda_emulated.py
+// builds this file with g++ and calls it through ctypes). The backward's two
+// GEMMs, which run through ATen on the GPU (synthesize_cuda.cu), are plain
+// loops here in the accumulation type.
+//
+// Each block's threads are real threads: __syncthreads() is a barrier of the
+// block and __ballot_sync one of the warp (every lane must vote, as on the
+// GPU, or the warp deadlocks). Blocks run one after another (each thread loops
+// over them, with a barrier between blocks), so a block's __shared__ variables
+// can be statics. What only hardware enforces is checked where it can be: a
+// vector access must be aligned to its size (else the launch fails with code
+// 2). A failed CUDA_KERNEL_ASSERT ends the launch with code 1, as a
+// device-side assert ends a CUDA kernel.
+#include <atomic>
 #include <barrier>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <string>
 #include <thread>
 #include <vector>
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #define __global__
 #define __device__
@@ -24,94 +40,180 @@ struct Dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
 static thread_local Dim3 threadIdx, blockIdx;
-static Dim3 blockDim, gridDim;
+
+// Why a launch failed: 0 none, 1 device-side assert, 2 misaligned vector access.
+static std::atomic<int> fault{0};
+static std::string fault_message;
+static std::atomic<int64_t> vector_accesses{0};
+struct Abort {};  // unwinds a thread out of a failed launch
+
+static void fail(int code, const char* message) {
+  int none = 0;
+  if (fault.compare_exchange_strong(none, code)) fault_message = message;
+  throw Abort{};
+}
+
+#undef CUDA_KERNEL_ASSERT
+#define CUDA_KERNEL_ASSERT(cond) \
+  if (!(cond)) fail(1, "device-side assert: " #cond)
+#define ADDRMEM_CHECK_VECTOR(ptr) check_vector(ptr, sizeof(*(ptr)) * addrmem::kVec)
+
+static void check_vector(const void* p, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) fail(2, "misaligned vector access");
+  ++vector_accesses;
+}
+
 static std::barrier<>* block_barrier = nullptr;
+static std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 static std::vector<unsigned char> dynamic_smem;
-static double shuffle_buffer[1024];
+static bool ballot_votes[1024];
 
 #define ADDRMEM_DYNAMIC_SMEM(name) unsigned char* name = dynamic_smem.data()
 
-inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+// A failed thread leaves the barriers; the others stop at their next one.
+static void wait(std::barrier<>& barrier) {
+  barrier.arrive_and_wait();
+  if (fault.load()) throw Abort{};
+}
 
-template <typename T>
-inline T __shfl_xor_sync(unsigned, T value, int offset) {
-  shuffle_buffer[threadIdx.x] = static_cast<double>(value);
-  __syncthreads();
-  const T other = static_cast<T>(shuffle_buffer[threadIdx.x ^ offset]);
-  __syncthreads();
-  return other;
+inline void __syncthreads() { wait(*block_barrier); }
+
+inline unsigned __ballot_sync(unsigned mask, bool vote) {
+  if (mask != 0xffffffffu) fail(2, "__ballot_sync with a partial mask");
+  const unsigned warp = threadIdx.x / 32;
+  ballot_votes[threadIdx.x] = vote;
+  wait(*warp_barriers[warp]);
+  unsigned bits = 0;
+  for (unsigned lane = 0; lane < 32; ++lane) bits |= unsigned(ballot_votes[warp * 32 + lane]) << lane;
+  wait(*warp_barriers[warp]);
+  return bits;
+}
+
+inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
+inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline int atomicMax(int* p, int v) {
+  std::atomic_ref<int> a(*p);
+  int old = a.load();
+  while (old < v && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
 }
 
 #include "../csrc/synthesize_kernels.cuh"
 
 using namespace addrmem;
 
-template <typename Kernel>
-static void launch(int64_t blocks, int threads, size_t smem, Kernel kernel) {
-  gridDim.x = static_cast<unsigned>(blocks);
-  blockDim.x = static_cast<unsigned>(threads);
+// Runs `body` on `blocks` blocks of kThreads threads.
+template <typename Body>
+static void run(int64_t blocks, size_t smem, Body body) {
   dynamic_smem.assign(smem, 0xff);  // poison: kernels must not read what they did not write
-  std::barrier<> barrier(threads);
+  std::barrier<> barrier(kThreads);
   block_barrier = &barrier;
+  warp_barriers.clear();
+  for (int w = 0; w < kWarps; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
   std::vector<std::thread> pool;
-  for (int t = 0; t < threads; ++t)
-    pool.emplace_back([t, blocks, &kernel] {
+  for (int t = 0; t < kThreads; ++t)
+    pool.emplace_back([t, blocks, &body] {
       threadIdx.x = static_cast<unsigned>(t);
-      for (int64_t b = 0; b < blocks; ++b) {
-        blockIdx.x = static_cast<unsigned>(b);
-        kernel();
-        __syncthreads();  // the block's shared memory is free for the next one
+      try {
+        for (int64_t b = 0; b < blocks; ++b) {
+          if (fault.load()) throw Abort{};
+          blockIdx.x = static_cast<unsigned>(b);
+          body();
+          __syncthreads();  // the block's shared memory is free for the next one
+        }
+      } catch (const Abort&) {
+        block_barrier->arrive_and_drop();
+        warp_barriers[t / 32]->arrive_and_drop();
       }
     });
   for (auto& th : pool) th.join();
 }
+
+// The `launch` functor of synthesize_kernels.cuh, as synthesize_cuda.cu's.
+struct Launch {
+  template <typename... Params, typename... Args>
+  void operator()(void (*kernel)(Params...), int64_t blocks, size_t smem, Args... args) const {
+    if (blocks == 0 || fault.load()) return;
+    run(blocks, smem, [&] { kernel(args...); });
+  }
+};
+
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
 
 static Geometry geometry(int64_t N, int64_t R, int64_t K, int64_t C, int64_t h, int64_t w, int64_t s) {
   return Geometry{N, R, K, C, h, w, s, h * s, w * s, C * h * w};
 }
 
 template <typename T>
-static void forward(const T* A, const T* B, const int64_t* idx, T* out, Geometry g) {
-  const ForwardLaunch l = forward_launch<T>(g);
-  launch(l.blocks, kThreads, l.smem, [&] {
-    synthesize_forward_kernel<T, T, rows_per_block<T>()>(A, B, idx, out, g, l.tiles_y, l.tiles_x);
-  });
+static int forward(const T* A, const T* B, const int64_t* idx, T* out, Geometry g) {
+  fault = 0;
+  launch_forward<T, typename Acc<T>::type>(Launch{}, A, B, idx, out, g);
+  return fault.load();
 }
 
-// grad_rows: (N, K), each synthesized row's address gradient (before the rows
-// are added into the (R, K) gradient).
+// The launch sequence of synthesize_backward_cuda, with its ATen calls as loops.
+// grad_addresses: (R, K); grad_bases: (K, D).
 template <typename T>
-static void backward(const T* grad, const T* A, const T* B, const int64_t* idx, T* grad_bases, T* grad_rows,
-                     Geometry g, int64_t sms) {
-  const BackwardLaunch l = backward_launch<T>(g, sms);
-  std::vector<T> bases_part(l.slices * g.K * g.D, T(-1e30)), rows_part(l.pix_tiles * g.N * g.K, T(-1e30));
-  launch(l.blocks, kThreads, 0, [&] {
-    synthesize_backward_kernel<T, T, rows_per_block<T>()>(grad, A, B, idx, bases_part.data(), rows_part.data(), g,
-                                                          l.pix_tiles, l.base_tiles, l.rows_per_slice);
-  });
-  launch(l.reduce_blocks, kThreads, 0, [&] {
-    synthesize_reduce_kernel<T, T>(bases_part.data(), rows_part.data(), grad_bases, grad_rows, l.slices,
-                                   l.pix_tiles, g.K * g.D, g.N * g.K);
-  });
+static int backward(const T* grad, const T* A, const T* B, const int64_t* idx, T* grad_addresses, T* grad_bases,
+                    Geometry g) {
+  using acc_t = typename Acc<T>::type;
+  fault = 0;
+  std::vector<acc_t> low(g.N * g.D);
+  if (g.s == 1) {
+    for (int64_t e = 0; e < g.N * g.D; ++e) low[e] = static_cast<acc_t>(grad[e]);
+  } else {
+    launch_adjoint<T>(Launch{}, grad, low.data(), g);
+  }
+  // The GEMMs: grad_rows = G_low B^T, grad_bases = A_rows^T G_low. (On the
+  // GPU, index_select checks the index too; here only the kernels do.)
+  std::vector<acc_t> grad_rows(g.N * g.K, acc_t(0)), bases_acc(g.K * g.D, acc_t(0));
+  for (int64_t n = 0; n < g.N; ++n) {
+    const int64_t r = idx ? idx[n] : n;
+    const bool valid = r >= 0 && r < g.R;
+    for (int64_t k = 0; k < g.K; ++k) {
+      const acc_t a = valid ? static_cast<acc_t>(A[r * g.K + k]) : acc_t(0);
+      acc_t dot = acc_t(0);
+      for (int64_t d = 0; d < g.D; ++d) {
+        dot += low[n * g.D + d] * static_cast<acc_t>(B[k * g.D + d]);
+        bases_acc[k * g.D + d] += a * low[n * g.D + d];
+      }
+      grad_rows[n * g.K + k] = dot;
+    }
+  }
+  for (int64_t e = 0; e < g.K * g.D; ++e) grad_bases[e] = static_cast<T>(bases_acc[e]);
+  if (idx) {
+    std::vector<int> counts(2 * g.R, 0);
+    launch_index_rows<T>(Launch{}, grad_rows.data(), idx, counts.data(), grad_addresses, g);
+  } else {
+    for (int64_t e = 0; e < g.N * g.K; ++e) grad_addresses[e] = static_cast<T>(grad_rows[e]);
+  }
+  return fault.load();
 }
+
+#define EMULATE(suffix, T)                                                                                       \
+  int emulate_forward_##suffix(const T* A, const T* B, const int64_t* idx, T* out, int64_t N, int64_t R,      \
+                               int64_t K, int64_t C, int64_t h, int64_t w, int64_t s) {                       \
+    return forward(A, B, idx, out, geometry(N, R, K, C, h, w, s));                                            \
+  }                                                                                                           \
+  int emulate_backward_##suffix(const T* grad, const T* A, const T* B, const int64_t* idx, T* grad_addresses, \
+                                T* grad_bases, int64_t N, int64_t R, int64_t K, int64_t C, int64_t h,         \
+                                int64_t w, int64_t s) {                                                       \
+    return backward(grad, A, B, idx, grad_addresses, grad_bases, geometry(N, R, K, C, h, w, s));              \
+  }
 
 extern "C" {
-void emulate_forward_f64(const double* A, const double* B, const int64_t* idx, double* out, int64_t N, int64_t R,
-                         int64_t K, int64_t C, int64_t h, int64_t w, int64_t s) {
-  forward(A, B, idx, out, geometry(N, R, K, C, h, w, s));
-}
-void emulate_forward_f32(const float* A, const float* B, const int64_t* idx, float* out, int64_t N, int64_t R,
-                         int64_t K, int64_t C, int64_t h, int64_t w, int64_t s) {
-  forward(A, B, idx, out, geometry(N, R, K, C, h, w, s));
-}
-void emulate_backward_f64(const double* grad, const double* A, const double* B, const int64_t* idx,
-                          double* grad_bases, double* grad_rows, int64_t N, int64_t R, int64_t K, int64_t C,
-                          int64_t h, int64_t w, int64_t s, int64_t sms) {
-  backward(grad, A, B, idx, grad_bases, grad_rows, geometry(N, R, K, C, h, w, s), sms);
-}
-void emulate_backward_f32(const float* grad, const float* A, const float* B, const int64_t* idx, float* grad_bases,
-                          float* grad_rows, int64_t N, int64_t R, int64_t K, int64_t C, int64_t h, int64_t w,
-                          int64_t s, int64_t sms) {
-  backward(grad, A, B, idx, grad_bases, grad_rows, geometry(N, R, K, C, h, w, s), sms);
-}
+EMULATE(f64, double)
+EMULATE(f32, float)
+EMULATE(f16, c10::Half)
+EMULATE(bf16, c10::BFloat16)
+const char* emulate_fault_message() { return fault_message.c_str(); }
+int64_t emulate_vector_accesses() { return vector_accesses.load(); }
 }
