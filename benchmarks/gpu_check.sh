@@ -1,31 +1,117 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: build the extension for the GPU at hand, run
-# the test suite (the CUDA tests run there), run the CUDA op tests under
-# compute-sanitizer, and benchmark the kernels, one outer iteration and addrmem
-# against the official-style algorithm. Logs and JSON go to $OUT
-# (default ./gpu-out).
-#   TORCH_CUDA_ARCH_LIST=9.0 bash benchmarks/gpu_check.sh
-set -uo pipefail
+# The GPU check, in steps that each take a few minutes on an H100 (under the
+# 10 minutes one command may run on a lent GPU machine). Each step exits
+# non-zero on any failure, printing the tail of its log; logs, JUnit XML and
+# JSON go to $OUT (default ./gpu-out).
+#
+#   bash benchmarks/gpu_check.sh STEP
+#
+#   build      build the extension in place (TORCH_CUDA_ARCH_LIST, default 9.0)
+#              and run the CUDA op tests (tests/test_ops.py -k cuda: every dtype
+#              against the float64 reference); every other step needs it first
+#   suite      the whole test suite
+#   memcheck   compute-sanitizer memcheck on the CUDA op tests, without
+#              PyTorch's caching allocator so that every tensor is its own
+#              allocation
+#   racecheck  compute-sanitizer racecheck  } on the CUDA op tests, addrmem's
+#   synccheck  compute-sanitizer synccheck  } kernels only (not cuBLAS's or
+#   initcheck  compute-sanitizer initcheck  } PyTorch's)
+#   speed      benchmarks/kernel_speed.py (fails if addrmem mismatches the reference)
+#   outer      benchmarks/outer_step.py and benchmarks/distill_speed.py
+#   all        every step above, in order (for a machine without a time limit)
+#
+# Each command runs under `timeout $STEP_LIMIT` (default 470 s), so a step that
+# outgrows its budget fails with a message instead of being killed silently.
+# SANITIZE_TESTS (pytest -k expression, default "cuda and not large") selects
+# the tests the three slower sanitizers run.
+set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+STEP_LIMIT=${STEP_LIMIT:-470}
+SANITIZE_TESTS=${SANITIZE_TESTS:-cuda and not large}
 
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-python3 -c "import addrmem, json; print(json.dumps(addrmem.build_info()))" | tee "$OUT/build_info.json"
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
+  exit 2
+}
 
-python3 -m pytest -q tests -x 2>&1 | tee "$OUT/tests.log" | tail -5
-compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x tests/test_ops.py -k cuda \
-  > "$OUT/sanitizer.log" 2>&1
-echo "compute-sanitizer memcheck exit: $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -3
-compute-sanitizer --tool racecheck --error-exitcode 1 python3 -m pytest -q -x tests/test_ops.py -k "cuda and not large" \
-  > "$OUT/racecheck.log" 2>&1
-echo "compute-sanitizer racecheck exit: $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/racecheck.log" | tail -3
+# run NAME CMD...: runs CMD with its output in $OUT/NAME.log; on failure
+# prints the log's tail and exits with CMD's status.
+run() {
+  local name=$1
+  shift
+  echo "== $name: $*"
+  local status=0
+  timeout "$STEP_LIMIT" "$@" > "$OUT/$name.log" 2>&1 || status=$?
+  if [ "$status" -ne 0 ]; then
+    tail -n 40 "$OUT/$name.log"
+    [ "$status" -eq 124 ] && echo "$name: over STEP_LIMIT=${STEP_LIMIT}s"
+    echo "$name: FAILED (exit $status)"
+    exit "$status"
+  fi
+  tail -n 3 "$OUT/$name.log"
+}
 
-python3 benchmarks/kernel_speed.py --json "$OUT/kernel_speed.json" 2>&1 | tee "$OUT/kernel_speed.txt"
-python3 benchmarks/outer_step.py --device cuda --json "$OUT/outer_step.json" 2>&1 | tee "$OUT/outer_step.txt"
-python3 benchmarks/distill_speed.py --device cuda --fp64-reference --json "$OUT/distill_speed.json" 2>&1 \
-  | tee "$OUT/distill_speed.txt"
+need_cuda_build() {
+  python3 -c "import addrmem, sys; sys.exit(0 if addrmem.build_info()['cuda'] else 1)" 2> /dev/null \
+    || { echo "no CUDA build of addrmem here: run 'bash $0 build' first" >&2; exit 1; }
+}
+
+sanitize() {
+  local tool=$1
+  shift
+  need_cuda_build
+  run "$tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 1 "$@" \
+    python3 -m pytest -q -x tests/test_ops.py -k "$SANITIZE_TESTS" --junitxml "$OUT/$tool.xml"
+}
+
+step() {
+  case "$1" in
+    build)
+      nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+      run build python3 setup.py build_ext --inplace
+      python3 -c "import addrmem, json; print(json.dumps(addrmem.build_info()))" | tee "$OUT/build_info.json"
+      need_cuda_build
+      run cuda_tests python3 -m pytest -q tests/test_ops.py -k cuda --junitxml "$OUT/cuda_tests.xml"
+      ;;
+    suite)
+      need_cuda_build
+      run suite python3 -m pytest -q tests --junitxml "$OUT/suite.xml"
+      ;;
+    memcheck)
+      need_cuda_build
+      run memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        python3 -m pytest -q -x tests/test_ops.py -k cuda --junitxml "$OUT/memcheck.xml"
+      ;;
+    racecheck) sanitize racecheck --kernel-regex kns=addrmem ;;
+    synccheck) sanitize synccheck --kernel-regex kns=addrmem ;;
+    initcheck) sanitize initcheck --kernel-regex kns=addrmem ;;
+    speed)
+      need_cuda_build
+      run kernel_speed python3 benchmarks/kernel_speed.py --device cuda --json "$OUT/kernel_speed.json"
+      if grep -q "did not match the reference" "$OUT/kernel_speed.log"; then
+        grep -E "WARNING|CHECK" "$OUT/kernel_speed.log"
+        echo "speed: addrmem mismatched the reference"
+        exit 1
+      fi
+      ;;
+    outer)
+      need_cuda_build
+      run outer_step python3 benchmarks/outer_step.py --device cuda --json "$OUT/outer_step.json"
+      run distill_speed python3 benchmarks/distill_speed.py --device cuda --fp64-reference \
+        --json "$OUT/distill_speed.json"
+      ;;
+    all)
+      for s in build suite memcheck racecheck synccheck initcheck speed outer; do step "$s"; done
+      ;;
+    *) usage ;;
+  esac
+}
+
+[ $# -eq 1 ] || usage
+step "$1"
+echo "== $1: passed"
