@@ -92,6 +92,22 @@ struct alignas(sizeof(T) * kVec) Vec {
   T v[kVec];
 };
 
+// Vector i of a Vec-aligned row. Indexing in vectors, not elements, is what
+// lets nvcc emit one 8- or 16-byte access (an element offset made it split a
+// Vec copy into scalar accesses).
+template <typename T>
+__device__ __forceinline__ Vec<T>* vector_at(T* row, int64_t i) {
+  Vec<T>* p = reinterpret_cast<Vec<T>*>(row) + i;
+  ADDRMEM_CHECK_VECTOR(p);
+  return p;
+}
+template <typename T>
+__device__ __forceinline__ const Vec<T>* vector_at(const T* row, int64_t i) {
+  const Vec<T>* p = reinterpret_cast<const Vec<T>*>(row) + i;
+  ADDRMEM_CHECK_VECTOR(p);
+  return p;
+}
+
 inline bool vector_aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 __host__ __device__ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -135,7 +151,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ acc_t coef[kBaseChunk][TN];
   __shared__ int64_t rows[TN];
   const int64_t n0 = (blockIdx.x / d_tiles) * TN;
-  const int64_t p = (blockIdx.x % d_tiles) * kFlatTile + threadIdx.x * kVec;
+  const int64_t p0 = (blockIdx.x % d_tiles) * kFlatTile;  // the tile's first element
+  const int64_t p = p0 + threadIdx.x * kVec;
   load_rows<TN>(rows, idx, n0, g);
 
   acc_t acc[TN][kVec];
@@ -150,16 +167,15 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     if (p >= g.D) continue;
     for (int kk = 0; kk < kc; ++kk) {
-      const scalar_t* bk = B + (k0 + kk) * g.D + p;
+      const scalar_t* bk = B + (k0 + kk) * g.D;
       acc_t b[kVec];
       if (vec) {
-        ADDRMEM_CHECK_VECTOR(bk);
-        const Vec<scalar_t> bv = *reinterpret_cast<const Vec<scalar_t>*>(bk);
+        const Vec<scalar_t> bv = *vector_at(bk + p0, threadIdx.x);
 #pragma unroll
         for (int v = 0; v < kVec; ++v) b[v] = static_cast<acc_t>(bv.v[v]);
       } else {
 #pragma unroll
-        for (int v = 0; v < kVec; ++v) b[v] = p + v < g.D ? static_cast<acc_t>(bk[v]) : acc_t(0);
+        for (int v = 0; v < kVec; ++v) b[v] = p + v < g.D ? static_cast<acc_t>(bk[p + v]) : acc_t(0);
       }
 #pragma unroll
       for (int t = 0; t < TN; ++t)
@@ -171,17 +187,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int t = 0; t < TN; ++t) {
     if (n0 + t >= g.N) break;
-    scalar_t* o = out + (n0 + t) * g.D + p;
+    scalar_t* o = out + (n0 + t) * g.D;
     if (vec) {
       Vec<scalar_t> ov;
 #pragma unroll
       for (int v = 0; v < kVec; ++v) ov.v[v] = static_cast<scalar_t>(acc[t][v]);
-      ADDRMEM_CHECK_VECTOR(o);
-      *reinterpret_cast<Vec<scalar_t>*>(o) = ov;
+      *vector_at(o + p0, threadIdx.x) = ov;
     } else {
 #pragma unroll
       for (int v = 0; v < kVec; ++v)
-        if (p + v < g.D) o[v] = static_cast<scalar_t>(acc[t][v]);
+        if (p + v < g.D) o[p + v] = static_cast<scalar_t>(acc[t][v]);
     }
   }
 }
@@ -297,17 +312,16 @@ __global__ void __launch_bounds__(kThreads)
       const acc_t down = lx0[v] * L[bottom + x0[v]] + lx1[v] * L[bottom + x1[v]];
       value[v] = ly0 * up + ly1 * down;
     }
-    scalar_t* o = out + ((n * g.C + c) * g.H + Y) * g.W + X;
+    scalar_t* o = out + ((n * g.C + c) * g.H + Y) * g.W + X0;
     if (vec) {
       Vec<scalar_t> ov;
 #pragma unroll
       for (int v = 0; v < kVec; ++v) ov.v[v] = static_cast<scalar_t>(value[v]);
-      ADDRMEM_CHECK_VECTOR(o);
-      *reinterpret_cast<Vec<scalar_t>*>(o) = ov;
+      *vector_at(o, threadIdx.x % kColumnGroups) = ov;
     } else {
 #pragma unroll
       for (int v = 0; v < kVec; ++v)
-        if (X + v < X1) o[v] = static_cast<scalar_t>(value[v]);
+        if (X + v < X1) o[X - X0 + v] = static_cast<scalar_t>(value[v]);
     }
   }
 }
@@ -336,15 +350,16 @@ __global__ void __launch_bounds__(kThreads)
 
   // The output windows [first, first + count) of the tile's columns and rows
   // (count 0 past the image), then their weights, spread over all threads.
-  if (threadIdx.x < kLowX + kLowY) {
-    const bool is_x = threadIdx.x < kLowX;
-    const int l = is_x ? threadIdx.x : threadIdx.x - kLowX;
-    const int64_t i = is_x ? tx * kLowX + l : ty * kLowY + l;
-    const int64_t in = is_x ? g.w : g.h, out_size = is_x ? g.W : g.H;
-    const int64_t first = i < in ? adjoint_first(i, g.s) : 0;
-    const int count = i < in ? static_cast<int>(adjoint_last(i, g.s, out_size) - first) : 0;
-    (is_x ? first_x : first_y)[l] = first;
-    (is_x ? count_x : count_y)[l] = count;
+  if (threadIdx.x < kLowX) {
+    const int64_t i = tx * kLowX + threadIdx.x;
+    const int64_t first = i < g.w ? adjoint_first(i, g.s) : 0;
+    first_x[threadIdx.x] = first;
+    count_x[threadIdx.x] = i < g.w ? static_cast<int>(adjoint_last(i, g.s, g.W) - first) : 0;
+  } else if (threadIdx.x < kLowX + kLowY) {
+    const int64_t i = ty * kLowY + threadIdx.x - kLowX;
+    const int64_t first = i < g.h ? adjoint_first(i, g.s) : 0;
+    first_y[threadIdx.x - kLowX] = first;
+    count_y[threadIdx.x - kLowX] = i < g.h ? static_cast<int>(adjoint_last(i, g.s, g.H) - first) : 0;
   }
   __syncthreads();
   for (int e = threadIdx.x; e < taps * (kLowX + kLowY); e += kThreads) {

@@ -56,7 +56,7 @@ static void fail(int code, const char* message) {
 #undef CUDA_KERNEL_ASSERT
 #define CUDA_KERNEL_ASSERT(cond) \
   if (!(cond)) fail(1, "device-side assert: " #cond)
-#define ADDRMEM_CHECK_VECTOR(ptr) check_vector(ptr, sizeof(*(ptr)) * addrmem::kVec)
+#define ADDRMEM_CHECK_VECTOR(ptr) check_vector(ptr, sizeof(*(ptr)))
 
 static void check_vector(const void* p, size_t bytes) {
   if (reinterpret_cast<uintptr_t>(p) % bytes != 0) fail(2, "misaligned vector access");
