@@ -301,10 +301,13 @@ __global__ void __launch_bounds__(kThreads)
     x0[v] = static_cast<int>(i0 - rx0);
     x1[v] = static_cast<int>(i1 - rx0);
   }
-  for (int t = parity; t < TN; t += kRowParities) {
-    const int64_t n = n0 + t;
-    if (n >= g.N) break;
-    const acc_t* L = low + t * npix;
+  // Rows t = parity, parity + kRowParities, ...: shared and output pointers
+  // advance by a row each step, offsets within a row stay in registers.
+  const acc_t* L = low + parity * npix;
+  scalar_t* o = out + (((n0 + parity) * g.C + c) * g.H + Y) * g.W + X0;
+  const int64_t o_step = kRowParities * g.C * g.H * g.W;
+  const int64_t n_end = imin(n0 + TN, g.N);
+  for (int64_t n = n0 + parity; n < n_end; n += kRowParities, L += kRowParities * npix, o += o_step) {
     acc_t value[kVec];
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
@@ -312,7 +315,6 @@ __global__ void __launch_bounds__(kThreads)
       const acc_t down = lx0[v] * L[bottom + x0[v]] + lx1[v] * L[bottom + x1[v]];
       value[v] = ly0 * up + ly1 * down;
     }
-    scalar_t* o = out + ((n * g.C + c) * g.H + Y) * g.W + X0;
     if (vec) {
       Vec<scalar_t> ov;
 #pragma unroll
