@@ -23,7 +23,8 @@
 # Each command runs under `timeout $STEP_LIMIT` (default 470 s), so a step that
 # outgrows its budget fails with a message instead of being killed silently.
 # SANITIZE_TESTS (pytest -k expression, default "cuda and not large") selects
-# the tests the three slower sanitizers run.
+# the tests the three slower sanitizers run; SANITIZE_FILTER (default
+# "--kernel-regex kns=addrmem") the kernels they check ("" for all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -33,6 +34,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 STEP_LIMIT=${STEP_LIMIT:-470}
 SANITIZE_TESTS=${SANITIZE_TESTS:-cuda and not large}
+SANITIZE_FILTER=${SANITIZE_FILTER---kernel-regex kns=addrmem}
 
 usage() {
   sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
@@ -63,9 +65,9 @@ need_cuda_build() {
 
 sanitize() {
   local tool=$1
-  shift
   need_cuda_build
-  run "$tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 1 "$@" \
+  # shellcheck disable=SC2086  # SANITIZE_FILTER is a list of options
+  run "$tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 1 $SANITIZE_FILTER \
     python3 -m pytest -q -x tests/test_ops.py -k "$SANITIZE_TESTS" --junitxml "$OUT/$tool.xml"
 }
 
@@ -87,9 +89,7 @@ step() {
       run memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
         python3 -m pytest -q -x tests/test_ops.py -k cuda --junitxml "$OUT/memcheck.xml"
       ;;
-    racecheck) sanitize racecheck --kernel-regex kns=addrmem ;;
-    synccheck) sanitize synccheck --kernel-regex kns=addrmem ;;
-    initcheck) sanitize initcheck --kernel-regex kns=addrmem ;;
+    racecheck | synccheck | initcheck) sanitize "$1" ;;
     speed)
       need_cuda_build
       run kernel_speed python3 benchmarks/kernel_speed.py --device cuda --json "$OUT/kernel_speed.json"
