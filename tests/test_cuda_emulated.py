@@ -96,7 +96,8 @@ def assert_close(got, want, dtype):
 # that are and are not multiples of the vector width; several tiles in every
 # direction of every kernel (forward: rows per block, 8 x 64 output tiles,
 # 1,024-element flat tiles; adjoint: 8 x 32 low-resolution tiles); K over the
-# staged chunk of 32 bases and over the index kernel's 128 columns per pass.
+# staged chunk of 32 bases and over the index kernel's 128 columns per pass;
+# rows repeated across several of the index kernel's 32-row ballots.
 CASES = [
     (7, 1, 3, 5, 4, 1, None),
     (13, 5, 2, 3, 7, 2, 29),
@@ -108,6 +109,8 @@ CASES = [
     (18, 3, 4, 16, 17, 1, -18),
     (20, 2, 1, 33, 35, 1, None),
     (5, 33, 1, 3, 2, 3, None),
+    (4, 3, 1, 2, 2, 1, 100),  # each row ~25 times, repeats 32+ apart
+    (3, 2, 2, 3, 4, 5, None),
 ]
 
 
