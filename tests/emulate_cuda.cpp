@@ -10,7 +10,8 @@
 // block and __ballot_sync one of the warp (every lane must vote, as on the
 // GPU, or the warp deadlocks). Blocks run one after another (each thread loops
 // over them, with a barrier between blocks), so a block's __shared__ variables
-// can be statics. What only hardware enforces is checked where it can be: a
+// can be statics; dynamic shared memory is filled with NaN bytes before each
+// block. What only hardware enforces is checked where it can be: a
 // vector access must be aligned to its size (else the launch fails with code
 // 2). A failed CUDA_KERNEL_ASSERT ends the launch with code 1, as a
 // device-side assert ends a CUDA kernel.
@@ -106,7 +107,7 @@ using namespace addrmem;
 // Runs `body` on `blocks` blocks of kThreads threads.
 template <typename Body>
 static void run(int64_t blocks, size_t smem, Body body) {
-  dynamic_smem.assign(smem, 0xff);  // poison: kernels must not read what they did not write
+  dynamic_smem.resize(smem);
   std::barrier<> barrier(kThreads);
   block_barrier = &barrier;
   warp_barriers.clear();
@@ -119,6 +120,9 @@ static void run(int64_t blocks, size_t smem, Body body) {
         for (int64_t b = 0; b < blocks; ++b) {
           if (fault.load()) throw Abort{};
           blockIdx.x = static_cast<unsigned>(b);
+          // Poison: a block must not read shared memory it did not write.
+          if (t == 0) std::memset(dynamic_smem.data(), 0xff, dynamic_smem.size());
+          __syncthreads();
           body();
           __syncthreads();  // the block's shared memory is free for the next one
         }
