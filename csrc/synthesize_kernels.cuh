@@ -12,9 +12,10 @@
 //    elements of the flattened (C*h*w) image; each thread owns kVec
 //    consecutive elements for all TN rows (TN x kVec accumulators).
 //  - scale > 1, synthesize_tiled_kernel: block = TN rows x one channel's tile
-//    of kTileY x kTileX output pixels. Phase 1 forms the tile's low-resolution
-//    footprint (at most (ceil(7/s)+2) x (ceil(63/s)+2) <= 6 x 34 pixels) for
-//    all TN rows in dynamic shared memory (<= 16 KB); phase 2 upsamples it:
+//    of 8 x 64 output pixels (16 x 32 for images at most 32 wide). Phase 1
+//    forms the tile's low-resolution footprint (at most 6 x 34 or 10 x 18
+//    pixels, at s = 2) for all TN rows in dynamic shared memory (<= 13 KB);
+//    phase 2 upsamples it:
 //    each thread owns a fixed output row and kVec fixed output columns, whose
 //    taps it computes once, and loops over every other of the TN rows.
 //    The low-resolution images never reach global memory.
@@ -63,13 +64,14 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kVec = 4;
 // Scale 1: flattened image elements per block.
 constexpr int kFlatTile = kThreads * kVec;
-// Scale > 1: output tile of one channel; 16 column groups x 8 rows x 2 row
-// parities = kThreads threads in phase 2.
-constexpr int kTileY = 8;
-constexpr int kTileX = 64;
-constexpr int kColumnGroups = kTileX / kVec;
-constexpr int kRowParities = kThreads / (kColumnGroups * kTileY);
-static_assert(kColumnGroups * kTileY * kRowParities == kThreads, "phase 2 uses every thread once");
+// Scale > 1: output tile of one channel, TX columns (64, or 32 for images at
+// most 32 wide) x tile_rows<TX>() rows, so that TX / kVec column groups x rows
+// x kRowParities = kThreads threads in phase 2.
+constexpr int kRowParities = 2;
+template <int TX>
+constexpr int tile_rows() {
+  return kThreads * kVec / (TX * kRowParities);
+}
 // Bases whose coefficients are staged in shared memory at a time.
 constexpr int kBaseChunk = 32;
 // Adjoint tile: kLowY rows (one per warp) x kLowX columns (one per lane).
@@ -225,11 +227,13 @@ inline int64_t max_footprint(int64_t out_size, int64_t in_size, int64_t s, int64
 
 // Scale > 1. `vec`: W is a multiple of kVec and out is Vec-aligned, so each
 // thread's kVec columns (X is a multiple of kVec) are one aligned vector.
-template <typename scalar_t, typename acc_t, int TN>
+template <typename scalar_t, typename acc_t, int TN, int TX>
 __global__ void __launch_bounds__(kThreads)
     synthesize_tiled_kernel(const scalar_t* __restrict__ A, const scalar_t* __restrict__ B,
                             const int64_t* __restrict__ idx, scalar_t* __restrict__ out, Geometry g,
                             int64_t tiles_y, int64_t tiles_x, bool vec) {
+  constexpr int TY = tile_rows<TX>(), kColumnGroups = TX / kVec;
+  static_assert(kColumnGroups * TY * kRowParities == kThreads, "phase 2 uses every thread once");
   ADDRMEM_DYNAMIC_SMEM(smem);
   acc_t* low = reinterpret_cast<acc_t*>(smem);  // [TN][npix]
   __shared__ acc_t coef[kBaseChunk][TN];
@@ -242,10 +246,10 @@ __global__ void __launch_bounds__(kThreads)
   block /= tiles_y;
   const int64_t c = block % g.C;
   const int64_t n0 = (block / g.C) * TN;
-  const int64_t Y0 = ty * kTileY, X0 = tx * kTileX;
-  const int64_t X1 = imin(X0 + kTileX, g.W);
+  const int64_t Y0 = ty * TY, X0 = tx * TX;
+  const int64_t X1 = imin(X0 + TX, g.W);
   int64_t ry0, ry1, rx0, rx1;
-  footprint<acc_t>(Y0, imin(Y0 + kTileY, g.H), g.h, g.s, ry0, ry1);
+  footprint<acc_t>(Y0, imin(Y0 + TY, g.H), g.h, g.s, ry0, ry1);
   footprint<acc_t>(X0, X1, g.w, g.s, rx0, rx1);
   const int ncols = static_cast<int>(rx1 - rx0 + 1);
   const int npix = static_cast<int>(ry1 - ry0 + 1) * ncols;
@@ -284,8 +288,8 @@ __global__ void __launch_bounds__(kThreads)
   // Phase 2: this thread's output row Y and columns X..X+kVec-1, for rows
   // t = parity, parity + kRowParities, ... of the block.
   const int64_t X = X0 + (threadIdx.x % kColumnGroups) * kVec;
-  const int64_t Y = Y0 + (threadIdx.x / kColumnGroups) % kTileY;
-  const int parity = threadIdx.x / (kColumnGroups * kTileY);
+  const int64_t Y = Y0 + (threadIdx.x / kColumnGroups) % TY;
+  const int parity = threadIdx.x / (kColumnGroups * TY);
   if (Y >= g.H || X >= X1) return;
   // The taps, with ATen's weights (1 - l1, l1) and order of operations.
   int64_t i0, i1;
@@ -475,12 +479,17 @@ void launch_forward(Launch&& launch, const scalar_t* A, const scalar_t* B, const
     const bool vec = g.D % kVec == 0 && vector_aligned(B, vec_bytes) && vector_aligned(out, vec_bytes);
     launch(synthesize_flat_kernel<scalar_t, acc_t, TN>, row_blocks * d_tiles, 0, A, B, idx, out, g, d_tiles, vec);
   } else {
-    const int64_t tiles_y = ceil_div(g.H, kTileY), tiles_x = ceil_div(g.W, kTileX);
-    const size_t smem = sizeof(acc_t) * TN * max_footprint<acc_t>(g.H, g.h, g.s, kTileY) *
-                        max_footprint<acc_t>(g.W, g.w, g.s, kTileX);
     const bool vec = g.W % kVec == 0 && vector_aligned(out, vec_bytes);
-    launch(synthesize_tiled_kernel<scalar_t, acc_t, TN>, row_blocks * g.C * tiles_y * tiles_x, smem, A, B, idx,
-           out, g, tiles_y, tiles_x, vec);
+    auto tiled = [&](auto kernel, int64_t tile_y, int64_t tile_x) {
+      const int64_t tiles_y = ceil_div(g.H, tile_y), tiles_x = ceil_div(g.W, tile_x);
+      const size_t smem = sizeof(acc_t) * TN * max_footprint<acc_t>(g.H, g.h, g.s, tile_y) *
+                          max_footprint<acc_t>(g.W, g.w, g.s, tile_x);
+      launch(kernel, row_blocks * g.C * tiles_y * tiles_x, smem, A, B, idx, out, g, tiles_y, tiles_x, vec);
+    };
+    if (g.W <= 32)
+      tiled(synthesize_tiled_kernel<scalar_t, acc_t, TN, 32>, tile_rows<32>(), 32);
+    else
+      tiled(synthesize_tiled_kernel<scalar_t, acc_t, TN, 64>, tile_rows<64>(), 64);
   }
 }
 
