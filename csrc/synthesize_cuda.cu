@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
 
 #include "synthesize.h"
@@ -77,20 +78,34 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cuda(const at::Tensor& gr
   const auto acc_options = A.options().dtype(at::toOpMathType(A.scalar_type()));
   const Launch launch{c10::cuda::getCurrentCUDAStream()};
 
-  // G_low (N, D): the adjoint of the upsampling (the identity at scale 1).
-  at::Tensor low;
-  if (g.s == 1) {
-    low = G.view({g.N, g.D}).to(acc_options.dtype());
-  } else {
-    low = at::empty({g.N, g.D}, acc_options);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "synthesize_adjoint_cuda", [&] {
-      launch_adjoint<scalar_t>(launch, G.const_data_ptr<scalar_t>(), low.mutable_data_ptr<at::opmath_type<scalar_t>>(),
-                               g);
-    });
+  // Per chunk of rows: G_low, the adjoint of the upsampling (the identity at
+  // scale 1), then its share of both GEMMs; grad_bases adds the chunks in order.
+  const int64_t chunk = backward_chunk_rows(g, kLowBudget);
+  const at::Tensor B_t = B.view({g.K, g.D}).to(acc_options.dtype()).t();
+  const at::Tensor rows = (idx.defined() ? A.index_select(0, idx) : A).to(acc_options.dtype());  // (N, K)
+  at::Tensor grad_rows = at::empty({g.N, g.K}, acc_options);
+  at::Tensor bases_acc = at::empty({g.K, g.D}, acc_options);
+  const at::Tensor low_buffer = g.s == 1 ? at::Tensor() : at::empty({chunk, g.D}, acc_options);
+  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+    const int64_t m = std::min(chunk, g.N - n0);
+    at::Tensor low;
+    if (g.s == 1) {
+      low = G.view({g.N, g.D}).narrow(0, n0, m).to(acc_options.dtype());
+    } else {
+      low = low_buffer.narrow(0, 0, m);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "synthesize_adjoint_cuda", [&] {
+        launch_adjoint<scalar_t>(launch, G.const_data_ptr<scalar_t>(),
+                                 low.mutable_data_ptr<at::opmath_type<scalar_t>>(), g, n0, m);
+      });
+    }
+    at::Tensor grad_rows_chunk = grad_rows.narrow(0, n0, m);
+    at::mm_out(grad_rows_chunk, low, B_t);
+    if (n0 == 0)
+      at::mm_out(bases_acc, rows.narrow(0, n0, m).t(), low);
+    else
+      bases_acc.addmm_(rows.narrow(0, n0, m).t(), low);
   }
-  const at::Tensor rows = (idx.defined() ? A.index_select(0, idx) : A).to(acc_options.dtype());
-  const at::Tensor grad_rows = at::mm(low, B.view({g.K, g.D}).to(acc_options.dtype()).t());  // (N, K)
-  at::Tensor grad_bases = at::mm(rows.t(), low).to(A.scalar_type()).view(B.sizes());      // (K, D)
+  at::Tensor grad_bases = bases_acc.to(A.scalar_type()).view(B.sizes());
   if (!idx.defined()) return {grad_rows.to(A.scalar_type()), grad_bases};
 
   at::Tensor grad_addresses = at::empty({g.R, g.K}, A.options());

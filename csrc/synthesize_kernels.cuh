@@ -25,12 +25,13 @@
 // Backward (the GEMMs run through ATen in synthesize_cuda.cu):
 //  1. synthesize_adjoint_kernel (scale > 1): the adjoint of the upsampling,
 //     separable, into the low-resolution gradient G_low (N, C*h*w) in the
-//     accumulation type. Block = one (n, c) plane's tile of kLowY x kLowX
+//     accumulation type, for a chunk of rows at a time (backward_chunk_rows). Block = one (n, c) plane's tile of kLowY x kLowX
 //     low-resolution pixels, one per thread (warp = row, lane = column). Per
 //     chunk of kLowY output rows, each warp reduces one output row along x into
 //     shared memory, then each thread reduces the chunk along y. The per-axis
 //     adjoint weights are computed once per block into shared memory.
-//  2. grad_rows = G_low . B^T and grad_bases = A_rows^T . G_low: two GEMMs.
+//  2. grad_rows = G_low . B^T and grad_bases (+)= A_rows^T . G_low: two GEMMs
+//     per chunk.
 //  3. With an index, index_count_kernel (one thread per synthesized row)
 //     counts each address row's occurrences and finds its first, then
 //     index_rows_kernel (one warp per address row) sums the row's gradients in
@@ -496,12 +497,24 @@ void launch_forward(Launch&& launch, const scalar_t* A, const scalar_t* B, const
 // The window of one low-resolution sample, [adjoint_first, adjoint_last),
 // holds at most 3s output coordinates. Shared memory: 40 * 3s weights, under
 // 48 KB up to s = 51 (double) or 102 (float); the .cu launcher opts in above.
+// Writes rows [n0, n0 + rows) of G_low, as a (rows, D) matrix at `low`.
 template <typename scalar_t, typename acc_t, typename Launch>
-void launch_adjoint(Launch&& launch, const scalar_t* grad, acc_t* low, const Geometry& g) {
+void launch_adjoint(Launch&& launch, const scalar_t* grad, acc_t* low, Geometry g, int64_t n0, int64_t rows) {
+  grad += n0 * g.C * g.H * g.W;
+  g.N = rows;
   const int64_t tiles_y = ceil_div(g.h, kLowY), tiles_x = ceil_div(g.w, kLowX);
   const int taps = static_cast<int>(3 * g.s);
   launch(synthesize_adjoint_kernel<scalar_t, acc_t>, g.N * g.C * tiles_y * tiles_x,
          sizeof(acc_t) * taps * (kLowX + kLowY), grad, low, g, tiles_y, tiles_x, taps);
+}
+
+// The backward holds G_low for this many rows at a time (the adjoint and both
+// GEMMs run chunk by chunk), so that it takes at most `budget` elements
+// however large N is. A function of the shapes only: the order of the sums,
+// and so the result, depends on nothing else.
+constexpr int64_t kLowBudget = int64_t{1} << 26;  // 256 MB in float
+inline int64_t backward_chunk_rows(const Geometry& g, int64_t budget) {
+  return std::max<int64_t>(1, std::min(g.N, budget / g.D));
 }
 
 // counts: 2 * R ints, zeroed. grad_addresses: (R, K).

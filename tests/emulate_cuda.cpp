@@ -15,6 +15,7 @@
 // vector access must be aligned to its size (else the launch fails with code
 // 2). A failed CUDA_KERNEL_ASSERT ends the launch with code 1, as a
 // device-side assert ends a CUDA kernel.
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cstdint>
@@ -163,33 +164,38 @@ static int forward(const T* A, const T* B, const int64_t* idx, T* out, Geometry 
   return fault.load();
 }
 
-// The launch sequence of synthesize_backward_cuda, with its ATen calls as loops.
+// The launch sequence of synthesize_backward_cuda, with its ATen calls as
+// loops, G_low held for `budget` elements at a time (kLowBudget on the GPU).
 // grad_addresses: (R, K); grad_bases: (K, D).
 template <typename T>
 static int backward(const T* grad, const T* A, const T* B, const int64_t* idx, T* grad_addresses, T* grad_bases,
-                    Geometry g) {
+                    Geometry g, int64_t budget) {
   using acc_t = typename Acc<T>::type;
   fault = 0;
-  std::vector<acc_t> low(g.N * g.D);
-  if (g.s == 1) {
-    for (int64_t e = 0; e < g.N * g.D; ++e) low[e] = static_cast<acc_t>(grad[e]);
-  } else {
-    launch_adjoint<T>(Launch{}, grad, low.data(), g);
-  }
-  // The GEMMs: grad_rows = G_low B^T, grad_bases = A_rows^T G_low. (On the
-  // GPU, index_select checks the index too; here only the kernels do.)
-  std::vector<acc_t> grad_rows(g.N * g.K, acc_t(0)), bases_acc(g.K * g.D, acc_t(0));
-  for (int64_t n = 0; n < g.N; ++n) {
-    const int64_t r = idx ? idx[n] : n;
-    const bool valid = r >= 0 && r < g.R;
-    for (int64_t k = 0; k < g.K; ++k) {
-      const acc_t a = valid ? static_cast<acc_t>(A[r * g.K + k]) : acc_t(0);
-      acc_t dot = acc_t(0);
-      for (int64_t d = 0; d < g.D; ++d) {
-        dot += low[n * g.D + d] * static_cast<acc_t>(B[k * g.D + d]);
-        bases_acc[k * g.D + d] += a * low[n * g.D + d];
+  const int64_t chunk = backward_chunk_rows(g, budget);
+  std::vector<acc_t> low(chunk * g.D), grad_rows(g.N * g.K), bases_acc(g.K * g.D, acc_t(0));
+  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+    const int64_t m = std::min(chunk, g.N - n0);
+    if (g.s == 1) {
+      for (int64_t e = 0; e < m * g.D; ++e) low[e] = static_cast<acc_t>(grad[n0 * g.D + e]);
+    } else {
+      launch_adjoint<T>(Launch{}, grad, low.data(), g, n0, m);
+    }
+    // The GEMMs: grad_rows = G_low B^T, grad_bases += A_rows^T G_low. (On the
+    // GPU, index_select checks the index too; here only the kernels do.)
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t n = n0 + i;
+      const int64_t r = idx ? idx[n] : n;
+      const bool valid = r >= 0 && r < g.R;
+      for (int64_t k = 0; k < g.K; ++k) {
+        const acc_t a = valid ? static_cast<acc_t>(A[r * g.K + k]) : acc_t(0);
+        acc_t dot = acc_t(0);
+        for (int64_t d = 0; d < g.D; ++d) {
+          dot += low[i * g.D + d] * static_cast<acc_t>(B[k * g.D + d]);
+          bases_acc[k * g.D + d] += a * low[i * g.D + d];
+        }
+        grad_rows[n * g.K + k] = dot;
       }
-      grad_rows[n * g.K + k] = dot;
     }
   }
   for (int64_t e = 0; e < g.K * g.D; ++e) grad_bases[e] = static_cast<T>(bases_acc[e]);
@@ -209,8 +215,8 @@ static int backward(const T* grad, const T* A, const T* B, const int64_t* idx, T
   }                                                                                                           \
   int emulate_backward_##suffix(const T* grad, const T* A, const T* B, const int64_t* idx, T* grad_addresses, \
                                 T* grad_bases, int64_t N, int64_t R, int64_t K, int64_t C, int64_t h,         \
-                                int64_t w, int64_t s) {                                                       \
-    return backward(grad, A, B, idx, grad_addresses, grad_bases, geometry(N, R, K, C, h, w, s));              \
+                                int64_t w, int64_t s, int64_t budget) {                                       \
+    return backward(grad, A, B, idx, grad_addresses, grad_bases, geometry(N, R, K, C, h, w, s), budget);      \
   }
 
 extern "C" {

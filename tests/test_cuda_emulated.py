@@ -59,12 +59,15 @@ def forward(emulator, A, B, index, s, out=None):
     return code, out
 
 
-def backward(emulator, grad, A, B, index, s):
+def backward(emulator, grad, A, B, index, s, chunk=7):
+    """The backward with G_low held for `chunk` rows at a time (several chunks
+    in most cases below; on the GPU, as many rows as fit in 2**26 elements)."""
     R, K = A.shape
     _, C, h, w = B.shape
     grad_A, grad_B = torch.full_like(A, float("nan")), torch.full_like(B, float("nan"))
     code = getattr(emulator, f"emulate_backward_{SUFFIX[A.dtype]}")(
-        ptr(grad), ptr(A), ptr(B), ptr(index), ptr(grad_A), ptr(grad_B), *sizes(grad.shape[0], R, K, C, h, w, s))
+        ptr(grad), ptr(A), ptr(B), ptr(index), ptr(grad_A), ptr(grad_B),
+        *sizes(grad.shape[0], R, K, C, h, w, s, chunk * C * h * w))
     return code, grad_A, grad_B
 
 
