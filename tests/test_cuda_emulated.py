@@ -95,12 +95,13 @@ def assert_close(got, want, dtype):
 
 
 # (R, K, C, h, w, scale, N): N None = no index, N > 0 = N random rows
-# (repeats), N < 0 = -N distinct rows. Between them: scales 1 to 3; widths
-# that are and are not multiples of the vector width; several tiles in every
-# direction of every kernel (forward: rows per block, 8 x 64 and 16 x 32 output tiles,
-# 1,024-element flat tiles; adjoint: 8 x 32 low-resolution tiles); K over the
-# staged chunk of 32 bases and over the index kernel's 128 columns per pass;
-# rows repeated across several of the index kernel's 32-row ballots.
+# (repeats), N < 0 = -N distinct rows. Between them: scales 1, 2, 3 and 5;
+# widths that are and are not multiples of the vector width; several tiles in
+# every direction of every kernel (forward: rows per block, 8 x 64 and 16 x 32
+# output tiles, 1,024-element flat tiles; adjoint: 8 x 32 low-resolution
+# tiles; backward: 7-row chunks); K over the staged chunk of 32 bases and over
+# the index kernel's 128 columns per pass; rows repeated across several of the
+# index kernel's 32-row ballots.
 CASES = [
     (7, 1, 3, 5, 4, 1, None),
     (13, 5, 2, 3, 7, 2, 29),
