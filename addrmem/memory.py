@@ -1,10 +1,10 @@
 """Distilled memories: what addrmem learns, stores, saves and recalls.
 
-:class:`AddressableMemory` is the paper's memory (METHOD.md §1): K shared
-bases M (stored at 1/ds resolution) and one addressing row per synthetic image,
-``addresses[c * per_class + i] = A_i[c, :]``. Every image it makes comes from
-:func:`addrmem.ops.synthesize`. :class:`ImageMemory` is the baseline without
-addressing: one free image per slot. Both share one interface:
+:class:`AddressableMemory` is the paper's memory (docs/method.md, "The
+memory"): K shared bases M (stored at 1/ds resolution) and one addressing row
+per synthetic image, ``addresses[c * per_class + i] = A_i[c, :]``. Every image
+it makes comes from :func:`addrmem.ops.synthesize`. :class:`ImageMemory` is the
+baseline without addressing: one free image per slot. Both share one interface:
 
 * ``memory(index)`` -> (images, labels) for rows ``index`` (differentiable);
 * ``memory.recall()`` / ``memory.recall(queries)`` -> the whole memory, or the
@@ -15,9 +15,9 @@ addressing: one free image per slot. Both share one interface:
 Rows are grouped by class: rows ``[c * per_class, (c + 1) * per_class)`` hold
 class ``c``, and their labels (the ``labels`` buffer) are fixed.
 
-Index checking: ``memory(index)`` checks a caller's indices (one host
-synchronisation on CUDA). Indices from :meth:`sample_index` are valid by
-construction; pass them with ``memory(index, check_index=False)`` to skip it.
+Index checking: ``memory(index)`` checks an index's type, shape and device in
+Python; its range is checked where the rows are read (an ``IndexError`` on the
+CPU, a device-side assertion on CUDA), with no host synchronisation.
 """
 
 from __future__ import annotations
@@ -82,21 +82,20 @@ class _Memory(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def validate_index(self, index: torch.Tensor) -> torch.Tensor:
-        """Check a (N,) integer row index (type, shape, device, range in [0, rows));
-        returns it as int64. Costs one host synchronisation on CUDA."""
-        return validate_index(index, self.rows, self.device)
+        """Check a (N,) integer row index's type, shape and device; returns it
+        as int64. Rows outside [0, rows) fail where they are read."""
+        return validate_index(index, self.device)
 
-    def forward(self, index: torch.Tensor | None = None, *, check_index: bool = True):
+    def forward(self, index: torch.Tensor | None = None):
         """Images and labels of rows ``index`` ((N,) int; all rows if None).
 
         Returns (images (N, C, H, W), labels (N,) int64), differentiable in the
-        parameters. ``check_index=False`` skips :meth:`validate_index`; use it
-        only for indices known to be valid (from :meth:`sample_index`).
+        parameters. A row outside [0, rows) raises ``IndexError`` (a
+        device-side assertion on CUDA).
         """
         if index is None:
             return self._images(None), self.labels.clone()
-        if check_index:
-            index = self.validate_index(index)
+        index = self.validate_index(index)
         return self._images(index), self.labels[index]
 
     @torch.no_grad()
@@ -106,12 +105,12 @@ class _Memory(nn.Module):
         ``recall()`` -> (images (rows, C, H, W), labels (rows,) int64): the
         whole memory, row order as stored.
 
-        ``recall(queries)`` with float queries (B, num_classes) -> (images
-        (B * per_class, C, H, W), soft labels (B * per_class, num_classes)):
-        x'_i(y)^T = y^T A_i M for each query y and slot i (METHOD.md §1), in
-        query-major order (row ``b * per_class + i`` is query b, slot i); each
-        image's label is its query. Linear in the queries, and one-hot queries
-        e_c give exactly ``recall()``'s images of class c.
+        ``recall(queries)`` with float queries (B, num_classes) -> (images (B *
+        per_class, C, H, W), soft labels (B * per_class, num_classes)):
+        x'_i(y)^T = y^T A_i M for each query y and slot i (docs/method.md, "The
+        memory"), in query-major order (row ``b * per_class + i`` is query b,
+        slot i); each image's label is its query. Linear in the queries, and
+        one-hot queries e_c give exactly ``recall()``'s images of class c.
         """
         if queries is None:
             return self(None)
@@ -133,14 +132,14 @@ class _Memory(nn.Module):
         return torch.einsum("bc,cpd->bpd", queries, table).reshape(-1, table.shape[-1])
 
     def sample_index(self, classes, n_per_c: int, generator: torch.Generator | None) -> torch.Tensor:
-        """One inner step's rows (METHOD.md §3.1 step 6): for each class in
-        ``classes`` (sequence or 1-D tensor of distinct class ids), ``n_per_c``
-        distinct rows of that class chosen uniformly at random.
+        """One inner step's rows (docs/method.md, "One outer iteration"):
+        for each class in ``classes`` (sequence or 1-D tensor of distinct
+        class ids), ``n_per_c`` distinct rows of that class chosen uniformly
+        at random.
 
         Returns an int64 (len(classes) * n_per_c,) index on the memory's device,
         class-major in the order of ``classes``. All randomness comes from
-        ``generator`` (drawn on its device); valid by construction, so it may
-        be passed as ``memory(index, check_index=False)``.
+        ``generator`` (drawn on its device).
         """
         classes = torch.as_tensor(classes)
         if classes.dim() != 1 or classes.numel() == 0 or classes.dtype.is_floating_point:
@@ -190,11 +189,13 @@ def _check_plain(value, where):
 
 
 class AddressableMemory(_Memory):
-    """K shared bases plus one addressing row per synthetic image (METHOD.md §1).
+    """K shared bases plus one addressing row per synthetic image
+    (docs/method.md, "The memory").
 
     Parameters: ``bases`` (n_bases, C, H/ds, W/ds) and ``addresses``
     (num_classes * per_class, n_bases), Xavier-uniform initialised as the
-    official code (METHOD.md §1.1) from ``generator`` (the global RNG if None).
+    official code (docs/method.md, "The memory") from ``generator`` (the
+    global RNG if None).
     Images are ``upsample_ds(addresses[row] @ bases)`` (C, H, W).
     """
 
@@ -215,9 +216,10 @@ class AddressableMemory(_Memory):
     def from_budget(cls, ipc: int, num_classes: int, image_shape, n_bases: int, downsample: int = 1,
                     **kw) -> "AddressableMemory":
         """The memory that fits a storage budget of ``ipc`` raw images per class
-        (METHOD.md §2, ``cal_ncoef``): per_class r = floor((ipc*C*H*W*n -
-        K*C*(H/ds)*(W/ds)) / (n*K)). Raises ValueError if r < 1, naming the
-        largest n_bases that fits. ``kw`` goes to the constructor."""
+        (docs/method.md, "The storage budget"; ``cal_ncoef``): per_class
+        r = floor((ipc*C*H*W*n - K*C*(H/ds)*(W/ds)) / (n*K)). Raises
+        ValueError if r < 1, naming the largest n_bases that fits. ``kw`` goes
+        to the constructor."""
         ipc, n, k, ds = (_positive_int(name, v) for name, v in
                          (("ipc", ipc), ("num_classes", num_classes), ("n_bases", n_bases),
                           ("downsample", downsample)))
@@ -243,8 +245,7 @@ class AddressableMemory(_Memory):
                 "n_bases": self.n_bases, "per_class": self.per_class, "downsample": self.downsample}
 
     def _images(self, index):
-        return synthesize(self.addresses, self.bases, index=index, scale=self.downsample,
-                          check_index=False)
+        return synthesize(self.addresses, self.bases, index=index, scale=self.downsample)
 
     def _mix(self, queries):
         rows = self._mix_rows(queries, self.addresses)
@@ -256,7 +257,8 @@ class ImageMemory(_Memory):
 
     Parameter ``images`` (num_classes * per_class, C, H, W), Xavier-uniform
     initialised as the official ``imgs_embedding`` compressor (bound
-    sqrt(6 / (rows + C*H*W)), METHOD.md §1.1) from ``generator``.
+    sqrt(6 / (rows + C*H*W)), docs/method.md, "The memory") from
+    ``generator``.
     """
 
     def __init__(self, num_classes: int, image_shape, per_class: int, *,
@@ -276,7 +278,8 @@ class ImageMemory(_Memory):
                 "per_class": self.per_class}
 
     def _images(self, index):
-        return self.images.clone() if index is None else self.images[index]
+        # index_select, not images[index]: a negative row raises IndexError instead of counting from the end
+        return self.images.clone() if index is None else self.images.index_select(0, index)
 
     def _mix(self, queries):
         return self._mix_rows(queries, self.images).view(-1, *self.image_shape)

@@ -76,10 +76,11 @@ def _check(addresses, bases, scale):
         raise ValueError("2-D bases (K, D) have no image layout to upsample: pass 4-D bases or scale=1")
 
 
-def validate_index(index: torch.Tensor, rows: int, device: torch.device, *, check_range: bool = True) -> torch.Tensor:
-    """Check a (N,) integer index of rows in [0, rows) on ``device``; returns
-    it as int64. The range check costs one host synchronisation on CUDA;
-    ``check_range=False`` skips it (type, shape and device are still checked)."""
+def validate_index(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Check that ``index`` is an (N,) integer tensor on ``device``; returns it
+    as int64. Its range is checked by the kernels (an ``IndexError`` on the
+    CPU, a device-side assertion on CUDA), so this reads nothing from the
+    device and works under ``torch.compile``."""
     if not isinstance(index, torch.Tensor):
         raise TypeError(f"index must be an integer tensor; got {type(index).__name__}")
     if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
@@ -88,12 +89,6 @@ def validate_index(index: torch.Tensor, rows: int, device: torch.device, *, chec
         raise ValueError(f"index must be 1-D (N,); got shape {tuple(index.shape)}")
     if index.device != device:
         raise ValueError(f"index is on {index.device} but the rows it selects are on {device}")
-    if check_range and index.numel():
-        lo, hi = (int(v) for v in torch.aminmax(index))
-        if lo < 0:
-            raise IndexError(f"index holds a negative row ({lo}); rows must lie in [0, {rows})")
-        if hi >= rows:
-            raise IndexError(f"index holds row {hi}, out of range for {rows} rows")
     return index.long()
 
 
@@ -102,8 +97,6 @@ def synthesize(
     bases: torch.Tensor,
     index: torch.Tensor | None = None,
     scale: int = 1,
-    *,
-    check_index: bool = True,
 ) -> torch.Tensor:
     """Recall images from an addressable memory in one fused kernel.
 
@@ -115,13 +108,10 @@ def synthesize(
         addresses: (R, K) coefficients, one row per stored example.
         bases: (K, C, h, w) shared memories, or (K, D) when ``scale`` is 1.
         index: optional (N,) integer tensor of rows to synthesize (repeats
-            allowed; their gradients add up). Without it N = R.
+            allowed; their gradients add up). Without it N = R. A row outside
+            [0, R) raises ``IndexError`` on the CPU and trips a device-side
+            assertion on CUDA, as PyTorch's own indexing does.
         scale: integer upsampling factor >= 1.
-        check_index: verify that ``index`` lies in [0, R). On CUDA this costs a
-            host synchronisation; pass False only for indices known to be valid
-            (``AddressableMemory`` does, since it makes its indices itself).
-            An out-of-range index with ``check_index=False`` is undefined
-            behaviour.
 
     Returns:
         (N, C, h*scale, w*scale), or (N, D) for 2-D bases; dtype and device of
@@ -129,7 +119,7 @@ def synthesize(
     """
     _check(addresses, bases, scale)
     if index is not None:
-        index = validate_index(index, addresses.shape[0], addresses.device, check_range=check_index)
+        index = validate_index(index, addresses.device)
     op = _ops()[0]
     if bases.dim() == 2:
         flat = op(addresses, bases[:, None, None, :], index, 1)
@@ -167,8 +157,10 @@ def _synthesize_fake(addresses, bases, index, scale):
 
 
 @torch.library.register_fake("addrmem::synthesize_backward")
-def _synthesize_backward_fake(grad, addresses, bases, index, scale):
-    return torch.empty_like(addresses), torch.empty_like(bases)
+def _synthesize_backward_fake(grad, addresses, bases, index, scale, output_mask):
+    # The kernels return contiguous gradients (whatever the inputs' strides),
+    # and an empty tensor for an output not asked for.
+    return tuple(t.new_empty(t.shape if wanted else (0,)) for t, wanted in zip((addresses, bases), output_mask))
 
 
 def _setup_context(ctx, inputs, output):
@@ -179,12 +171,13 @@ def _setup_context(ctx, inputs, output):
 
 def _synthesize_backward(ctx, grad):
     addresses, bases, index = ctx.saved_tensors
-    grad_addresses, grad_bases = _ops()[1](grad, addresses, bases, index, ctx.scale)
-    return grad_addresses, grad_bases, None, None
+    mask = list(ctx.needs_input_grad[:2])
+    grads = _ops()[1](grad, addresses, bases, index, ctx.scale, mask) if any(mask) else (None, None)
+    return *(g if wanted else None for g, wanted in zip(grads, mask)), None, None
 
 
 def _setup_context_backward(ctx, inputs, output):
-    grad, addresses, bases, index, scale = inputs
+    grad, addresses, bases, index, scale, _ = inputs
     ctx.save_for_backward(grad, addresses, bases, index)
     ctx.scale = scale
 
@@ -192,19 +185,25 @@ def _setup_context_backward(ctx, inputs, output):
 def _synthesize_double_backward(ctx, cot_addresses, cot_bases):
     # synthesize_backward is bilinear: (grad, bases) -> grad_addresses and
     # (grad, addresses) -> grad_bases, so its derivatives are the op and its
-    # backward again with the cotangents in place of one argument.
+    # backward again with the cotangents in place of one argument; each of
+    # those backward calls computes only the output that is used.
     grad, addresses, bases, index = ctx.saved_tensors
     s = ctx.scale
+    need_grad, need_addresses, need_bases = ctx.needs_input_grad[:3]
     op, op_backward = _ops()
     d_grad = d_addresses = d_bases = None
     if cot_addresses is not None:
-        d_grad = op(cot_addresses, bases, index, s)
-        d_bases = op_backward(grad, cot_addresses, bases, index, s)[1]
+        if need_grad:
+            d_grad = op(cot_addresses, bases, index, s)
+        if need_bases:
+            d_bases = op_backward(grad, cot_addresses, bases, index, s, [False, True])[1]
     if cot_bases is not None:
-        term = op(addresses, cot_bases, index, s)
-        d_grad = term if d_grad is None else d_grad + term
-        d_addresses = op_backward(grad, addresses, cot_bases, index, s)[0]
-    return d_grad, d_addresses, d_bases, None, None
+        if need_grad:
+            term = op(addresses, cot_bases, index, s)
+            d_grad = term if d_grad is None else d_grad + term
+        if need_addresses:
+            d_addresses = op_backward(grad, addresses, cot_bases, index, s, [True, False])[0]
+    return d_grad, d_addresses, d_bases, None, None, None
 
 
 # The ops' autograd formulas, registered with torch.library, and the same
@@ -230,8 +229,9 @@ class _Synthesize(torch.autograd.Function):
 
 class _SynthesizeBackward(torch.autograd.Function):
     @staticmethod
-    def forward(grad, addresses, bases, index, scale):
-        return torch.ops.addrmem.synthesize_backward(grad.detach(), addresses.detach(), bases.detach(), index, scale)
+    def forward(grad, addresses, bases, index, scale, output_mask):
+        return torch.ops.addrmem.synthesize_backward(grad.detach(), addresses.detach(), bases.detach(), index, scale,
+                                                     output_mask)
 
     setup_context = staticmethod(_setup_context_backward)
     backward = staticmethod(_synthesize_double_backward)

@@ -3,9 +3,7 @@ memory-bandwidth floor.
 
 For each shape, three methods compute the same thing:
 
-- ``addrmem``: the fused op, ``addrmem.synthesize`` (with ``check_index=False``,
-  as the distillation's inner loop calls it; ``--check-index`` times the
-  checked call, which costs a host synchronisation on CUDA);
+- ``addrmem``: the fused op, ``addrmem.synthesize``;
 - ``eager``: ``addrmem.synthesize_reference`` (gather, matmul, reshape,
   ``F.interpolate``) in plain PyTorch;
 - ``compile``: ``torch.compile(synthesize_reference, fullgraph=True)``; if
@@ -167,10 +165,10 @@ def copy_bandwidth(device: torch.device, nbytes: int, warmup: int, repeats: int)
     return 2 * src.numel() * 4 / seconds
 
 
-def method_fn(method: str, scale: int, check_index: bool):
+def method_fn(method: str, scale: int):
     """``f(addresses, bases, index)`` for one method."""
     if method == "addrmem":
-        return lambda A, B, index: addrmem.synthesize(A, B, index, scale, check_index=check_index)
+        return lambda A, B, index: addrmem.synthesize(A, B, index, scale)
     reference = addrmem.synthesize_reference
     if method == "compile":
         torch._dynamo.reset()  # fresh caches and recompile budget for each shape
@@ -191,7 +189,7 @@ def passes(f):
     return forward, forward_backward
 
 
-def check(shape: Shape, s: Inputs, check_index: bool) -> tuple[bool, float, str]:
+def check(shape: Shape, s: Inputs) -> tuple[bool, float, str]:
     """addrmem's output and gradients against the float64 reference:
     (match, largest error relative to max |reference|, note)."""
 
@@ -206,8 +204,8 @@ def check(shape: Shape, s: Inputs, check_index: bool) -> tuple[bool, float, str]
         s.grad_out.double(),
     )
     try:
-        want = outputs(method_fn("eager", shape.scale, check_index), s64)
-        got = outputs(method_fn("addrmem", shape.scale, check_index), s)
+        want = outputs(method_fn("eager", shape.scale), s64)
+        got = outputs(method_fn("addrmem", shape.scale), s)
     except Exception as exc:  # noqa: BLE001 - report any failure as a mismatch row
         return False, math.inf, f"check failed: {describe(exc)}"
     tol = TOLERANCE[s.addresses.dtype]
@@ -288,7 +286,7 @@ def bench_shape(shape: Shape, dtype, device, args, bandwidth: float) -> list[dic
         "dtype": str(dtype).removeprefix("torch."),
         "input_sets": n_sets,
     }
-    match, err, note = check(shape, sets[0], args.check_index)
+    match, err, note = check(shape, sets[0])
     base.update(match=match, max_err=err if math.isfinite(err) else None)
     rows = []
     if not match:
@@ -299,7 +297,7 @@ def bench_shape(shape: Shape, dtype, device, args, bandwidth: float) -> list[dic
             notes.append("skipped: --quick (add --compile)" if args.quick else "skipped: --no-compile")
         else:
             try:
-                steps = passes(method_fn(method, shape.scale, args.check_index))
+                steps = passes(method_fn(method, shape.scale))
             except Exception as exc:  # noqa: BLE001
                 steps, notes = (), [describe(exc)]
             for i, step in enumerate(steps):
@@ -352,8 +350,6 @@ def parse_args(argv):
     group.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed calls per measurement (default: 100 on CUDA, 10 on CPU or with --quick)")
-    p.add_argument("--check-index", action="store_true",
-                   help="time addrmem with its index range check (a host synchronisation on CUDA)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
@@ -412,7 +408,6 @@ def main(argv=None) -> int:
             "dtype": args.dtype,
             "repeats": args.repeats,
             "warmup": args.warmup,
-            "check_index": args.check_index,
             "copy_bandwidth_bytes_per_s": bandwidth,
             "rows": rows,
         }

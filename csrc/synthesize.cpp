@@ -5,13 +5,32 @@
 // with upsample_s = F.interpolate(scale_factor=s, mode="bilinear",
 // align_corners=False). The CUDA kernels for the same schema are in
 // synthesize_cuda.cu; the Python side (fake kernels, autograd) is addrmem/ops.py.
+//
+// The CPU kernels work on fixed blocks of rows (the blocking depends on the
+// shape alone, never on the thread count):
+//   forward:  low = A_rows @ B (one GEMM through ATen's BLAS into a block
+//             buffer that stays in cache), then the upsampling, separable:
+//             each low-resolution row is widened once, then every output row
+//             is a two-term blend of two widened rows;
+//   backward: the adjoint of the upsampling (output rows folded into
+//             low-resolution rows, then narrowed) into a block buffer G_low,
+//             then grad_rows = G_low @ B^T and grad_B += A_rows^T @ G_low
+//             (two GEMMs). grad_B is summed over a fixed number of row chunks,
+//             in chunk order, so the result is bit-identical whatever the
+//             number of threads.
+// All loops are unit-stride over image columns, with the per-column taps and
+// weights computed once per call, so the compiler vectorises them. float16 and
+// bfloat16 are converted to float on the way in and accumulate in float.
 #include <Python.h>
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <vector>
 
 #include "synthesize.h"
@@ -19,171 +38,432 @@
 namespace addrmem {
 namespace {
 
-// Per-axis source samples and weights of the upsampling, computed once per call.
+// One axis of the upsampling. Output coordinate X reads inputs i0[X] and i1[X]
+// with weights l0[X] and l1[X] (exactly source_index's taps). Away from the
+// ends, the taps are (x-1, x) where low[X] is 1 and (x, x+1) where it is 0,
+// for x = X / s. l0, l1 and low are repeated for `reps` consecutive lines, so
+// the widening and its adjoint run over many short lines at once as one
+// long, vectorised loop.
 template <typename acc_t>
 struct Axis {
+  int64_t in, out, s, reps;
   std::vector<int64_t> i0, i1;
-  std::vector<acc_t> l1;
-  Axis(int64_t out_size, int64_t in_size, int64_t s) : i0(out_size), i1(out_size), l1(out_size) {
-    for (int64_t o = 0; o < out_size; ++o) source_index<acc_t>(o, in_size, s, i0[o], i1[o], l1[o]);
+  std::vector<acc_t> l0, l1, low;
+
+  Axis(int64_t out_size, int64_t in_size, int64_t scale)
+      : in(in_size), out(out_size), s(scale), reps(std::max<int64_t>(1, 512 / out_size)), i0(out_size),
+        i1(out_size), l0(reps * out_size), l1(reps * out_size), low(reps * out_size) {
+    for (int64_t X = 0; X < out_size; ++X) {
+      source_index<acc_t>(X, in_size, scale, i0[X], i1[X], l1[X]);
+      l0[X] = acc_t(1) - l1[X];
+      low[X] = i0[X] < X / scale ? acc_t(1) : acc_t(0);
+    }
+    for (auto* v : {&l0, &l1, &low})
+      for (int64_t e = out_size; e < reps * out_size; ++e) (*v)[e] = (*v)[e - out_size];
   }
 };
 
-// The adjoint of one axis in compressed rows: for input sample i, the output
-// coordinates first[i]..first[i+1] that read it, with their weights.
-template <typename acc_t>
-struct AxisAdjoint {
-  std::vector<int64_t> start, dst;
-  std::vector<acc_t> weight;
-  AxisAdjoint(int64_t out_size, int64_t in_size, int64_t s) : start(in_size + 1, 0) {
-    for (int64_t i = 0; i < in_size; ++i) {
-      for (int64_t o = adjoint_first(i, s); o < adjoint_last(i, s, out_size); ++o) {
-        const acc_t wgt = adjoint_weight<acc_t>(o, i, in_size, s);
-        if (wgt != acc_t(0)) {
-          dst.push_back(o);
-          weight.push_back(wgt);
-        }
+// Compiled for AVX-512, AVX2 and baseline x86-64, picked at load time (GCC's
+// and Clang's function multi-versioning); elsewhere compiled once.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define ADDRMEM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ADDRMEM_MULTIVERSION
+#endif
+// Helpers inlined into each version of their caller.
+#if defined(__GNUC__) || defined(__clang__)
+#define ADDRMEM_INLINE inline __attribute__((always_inline))
+#else
+#define ADDRMEM_INLINE inline
+#endif
+
+// The scale as a compile-time constant S for the common factors 2, 3 and 4
+// (so the loops over a line's s columns unroll and vectorise), or 0: read it
+// from the axis.
+template <int S, typename acc_t>
+inline int64_t factor(const Axis<acc_t>& ax) {
+  return S ? S : ax.s;
+}
+
+// Widens `lines` consecutive lines of ax.in samples (t) to lines of ax.out (o):
+// interior columns by the select of their two taps (so every output reads only
+// its own taps, as F.interpolate does: no 0 * inf), over many lines at once;
+// then the columns of each line's first and last sample from the taps.
+template <int S, typename acc_t>
+ADDRMEM_MULTIVERSION void widen(const Axis<acc_t>& ax, const acc_t* __restrict__ t, acc_t* __restrict__ o,
+                                int64_t lines) {
+  const int64_t s = factor<S>(ax), in = ax.in, out = ax.out;
+  const acc_t *__restrict__ l0 = ax.l0.data(), *__restrict__ l1 = ax.l1.data(), *__restrict__ low = ax.low.data();
+  for (int64_t first = 0; first < lines; first += ax.reps) {
+    const int64_t n = std::min(ax.reps, lines - first) * in;
+    const acc_t* tl = t + first * in;
+    acc_t* ol = o + first * out;
+    for (int64_t x = 1; x < n - 1; ++x) {
+      const acc_t a = tl[x - 1], b = tl[x], c = tl[x + 1];
+      for (int64_t j = 0; j < s; ++j) {
+        const int64_t X = s * x + j;
+        const bool left = low[X] != acc_t(0);
+        ol[X] = l0[X] * (left ? a : b) + l1[X] * (left ? b : c);
       }
-      start[i + 1] = static_cast<int64_t>(dst.size());
     }
   }
-};
+  for (int64_t line = 0; line < lines; ++line) {
+    const acc_t* tl = t + line * in;
+    acc_t* ol = o + line * out;
+    for (int64_t X = 0; X < s; ++X) ol[X] = l0[X] * tl[ax.i0[X]] + l1[X] * tl[ax.i1[X]];
+    for (int64_t X = std::max(s, s * (in - 1)); X < out; ++X) ol[X] = l0[X] * tl[ax.i0[X]] + l1[X] * tl[ax.i1[X]];
+  }
+}
 
-inline int64_t row_of(const int64_t* idx, int64_t n) { return idx ? idx[n] : n; }
+// Each column's products with its two weights, sent to its left, centre or
+// right sample (selected, so that a zero weight never meets an inf).
+template <typename acc_t>
+ADDRMEM_INLINE void split_products(const acc_t* __restrict__ l0, const acc_t* __restrict__ l1,
+                                   const acc_t* __restrict__ low, const acc_t* __restrict__ g,
+                                   acc_t* __restrict__ to_left, acc_t* __restrict__ to_centre,
+                                   acc_t* __restrict__ to_right, int64_t count) {
+  for (int64_t X = 0; X < count; ++X) {
+    const bool left = low[X] != acc_t(0);
+    const acc_t p0 = l0[X] * g[X], p1 = l1[X] * g[X];
+    to_left[X] = left ? p0 : acc_t(0);
+    to_centre[X] = left ? p1 : p0;
+    to_right[X] = left ? acc_t(0) : p1;
+  }
+}
+
+// The adjoint of widen: folds `lines` lines of ax.out values (g) into lines of
+// ax.in (t). Each column's two products go to its left, centre or right
+// sample (split_products); sample x then sums
+// the right parts of x-1's columns, the centre parts of its own and the left
+// parts of x+1's. The first and last sample of each line are summed from the
+// taps.
+template <int S, typename acc_t>
+ADDRMEM_MULTIVERSION void narrow(const Axis<acc_t>& ax, const acc_t* __restrict__ g, acc_t* __restrict__ t,
+                                 int64_t lines) {
+  const int64_t s = factor<S>(ax), in = ax.in, out = ax.out;
+  const acc_t *l0 = ax.l0.data(), *l1 = ax.l1.data(), *low = ax.low.data();
+  std::vector<acc_t> parts(3 * ax.reps * out);
+  acc_t *to_left = parts.data(), *to_centre = to_left + ax.reps * out, *to_right = to_centre + ax.reps * out;
+  for (int64_t first = 0; first < lines; first += ax.reps) {
+    const int64_t n = std::min(ax.reps, lines - first) * in;
+    const acc_t* gl = g + first * out;
+    acc_t* __restrict__ tl = t + first * in;
+    split_products(l0, l1, low, gl, to_left, to_centre, to_right, s * n);
+    for (int64_t x = 1; x < n - 1; ++x) {
+      acc_t v = 0;
+      for (int64_t j = 0; j < s; ++j) v += to_right[s * (x - 1) + j] + to_centre[s * x + j] + to_left[s * (x + 1) + j];
+      tl[x] = v;
+    }
+  }
+  for (int64_t line = 0; line < lines; ++line) {
+    const acc_t* gl = g + line * out;
+    acc_t* tl = t + line * in;
+    for (const int64_t x : {int64_t{0}, in - 1}) {
+      acc_t v = 0;
+      for (int64_t X = std::max<int64_t>(0, s * (x - 1)); X < std::min(out, s * (x + 2)); ++X) {
+        if (ax.i0[X] == x) v += l0[X] * gl[X];
+        if (ax.i1[X] == x) v += l1[X] * gl[X];
+      }
+      tl[x] = v;
+    }
+  }
+}
+
+// Output rows of `planes` planes: row Y of a plane blends rows i0[Y] and i1[Y]
+// of its widened plane (`wide`, h x W each).
+template <typename scalar_t, typename acc_t>
+ADDRMEM_MULTIVERSION void blend(const Axis<acc_t>& ay, int64_t W, const acc_t* __restrict__ wide,
+                                scalar_t* __restrict__ out, int64_t planes) {
+  for (int64_t p = 0; p < planes; ++p) {
+    const acc_t* wp = wide + p * ay.in * W;
+    for (int64_t Y = 0; Y < ay.out; ++Y) {
+      const acc_t* __restrict__ r0 = wp + ay.i0[Y] * W;
+      const acc_t* __restrict__ r1 = wp + ay.i1[Y] * W;
+      const acc_t w0 = ay.l0[Y], w1 = ay.l1[Y];
+      scalar_t* __restrict__ o = out + (p * ay.out + Y) * W;
+      for (int64_t X = 0; X < W; ++X) o[X] = static_cast<scalar_t>(w0 * r0[X] + w1 * r1[X]);
+    }
+  }
+}
+
+// Its adjoint: each output row of `planes` planes of grad added into its two
+// rows of `folded` (h x W per plane).
+template <typename scalar_t, typename acc_t>
+ADDRMEM_MULTIVERSION void unblend(const Axis<acc_t>& ay, int64_t W, const scalar_t* __restrict__ grad,
+                                  acc_t* __restrict__ folded, int64_t planes) {
+  std::fill(folded, folded + planes * ay.in * W, acc_t(0));
+  for (int64_t p = 0; p < planes; ++p) {
+    acc_t* fp = folded + p * ay.in * W;
+    for (int64_t Y = 0; Y < ay.out; ++Y) {
+      acc_t* __restrict__ f0 = fp + ay.i0[Y] * W;
+      acc_t* __restrict__ f1 = fp + ay.i1[Y] * W;
+      const acc_t w0 = ay.l0[Y], w1 = ay.l1[Y];
+      const scalar_t* __restrict__ g = grad + (p * ay.out + Y) * W;
+      for (int64_t X = 0; X < W; ++X) f0[X] += w0 * static_cast<acc_t>(g[X]);
+      for (int64_t X = 0; X < W; ++X) f1[X] += w1 * static_cast<acc_t>(g[X]);
+    }
+  }
+}
+
+// Element-wise conversion (scale 1 with half types; the compiler vectorises it).
+template <typename dst_t, typename src_t>
+ADDRMEM_MULTIVERSION void convert(const src_t* __restrict__ src, dst_t* __restrict__ dst, int64_t count) {
+  for (int64_t e = 0; e < count; ++e) dst[e] = static_cast<dst_t>(src[e]);
+}
+
+// Calls f.template operator()<S>() with the scale as a constant where it is 2, 3 or 4.
+template <typename F>
+void with_factor(int64_t s, F&& f) {
+  switch (s) {
+    case 2: return f.template operator()<2>();
+    case 3: return f.template operator()<3>();
+    case 4: return f.template operator()<4>();
+    default: return f.template operator()<0>();
+  }
+}
+
+// Rows per block. A block buffer (of low-resolution images or gradients)
+// stays within about 256 KB, in cache for the GEMMs that read it. The forward
+// without one (scale 1 in float or double: the GEMM writes the output itself)
+// cuts the rows into at most 8 blocks instead.
+inline int64_t block_rows(const Geometry& g, bool large) {
+  if (large) return std::max<int64_t>(64, (g.N + 7) / 8);
+  return std::clamp<int64_t>(65536 / g.D, 8, 256);
+}
+
+// The three small GEMMs of the op, with K (the number of bases) small. Each
+// output element is summed in one fixed order whatever the blocking and the
+// thread count (register tiles of 4 rows; columns in chunks the compiler
+// vectorises), so results are deterministic.
+constexpr int64_t kTileRows = 4, kTileCols = 64;
+
+// Columns [d0, d0 + COLS) of rows [i0, i0 + kTileRows) of gemm_rows_bases,
+// with the accumulators in registers (a partial tile repeats its last row).
+template <int64_t COLS, typename acc_t>
+ADDRMEM_INLINE void rows_bases_tile(const acc_t* const* a, const acc_t* __restrict__ B, acc_t* __restrict__ out,
+                                    int64_t nr, int64_t K, int64_t D, int64_t d0) {
+  acc_t acc[kTileRows][COLS] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t* b = B + k * D + d0;
+    for (int64_t q = 0; q < kTileRows; ++q)
+      for (int64_t d = 0; d < COLS; ++d) acc[q][d] += a[q][k] * b[d];
+  }
+  for (int64_t q = 0; q < nr; ++q)
+    for (int64_t d = 0; d < COLS; ++d) out[q * D + d0 + d] = acc[q][d];
+}
+
+// out (n, D) = rows (n, K) @ B (K, D); each element summed over k in order.
+template <typename acc_t>
+ADDRMEM_MULTIVERSION void gemm_rows_bases(const acc_t* __restrict__ rows, const acc_t* __restrict__ B,
+                                          acc_t* __restrict__ out, int64_t n, int64_t K, int64_t D) {
+  for (int64_t i0 = 0; i0 < n; i0 += kTileRows) {
+    const int64_t nr = std::min(kTileRows, n - i0);
+    const acc_t* a[kTileRows];
+    for (int64_t q = 0; q < kTileRows; ++q) a[q] = rows + (i0 + std::min(q, nr - 1)) * K;
+    acc_t* o = out + i0 * D;
+    int64_t d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) rows_bases_tile<64>(a, B, o, nr, K, D, d0);
+    for (; d0 + 16 <= D; d0 += 16) rows_bases_tile<16>(a, B, o, nr, K, D, d0);
+    for (; d0 < D; ++d0) rows_bases_tile<1>(a, B, o, nr, K, D, d0);
+  }
+}
+
+// P (K, D) = (first ? 0 : P) + rows (n, K)^T @ G (n, D); each element summed
+// over the rows in order.
+template <typename acc_t>
+ADDRMEM_MULTIVERSION void gemm_rows_t_grad(const acc_t* __restrict__ rows, const acc_t* __restrict__ G,
+                                           acc_t* __restrict__ P, int64_t n, int64_t K, int64_t D, bool first) {
+  for (int64_t k0 = 0; k0 < K; k0 += kTileRows) {
+    const int64_t kb = std::min(kTileRows, K - k0);
+    for (int64_t d0 = 0; d0 < D; d0 += kTileCols) {
+      const int64_t dc = std::min(kTileCols, D - d0);
+      acc_t acc[kTileRows][kTileCols] = {};
+      if (!first)
+        for (int64_t q = 0; q < kb; ++q)
+          for (int64_t d = 0; d < dc; ++d) acc[q][d] = P[(k0 + q) * D + d0 + d];
+      if (kb == kTileRows && dc == kTileCols) {
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t q = 0; q < kTileRows; ++q) {
+            const acc_t a = rows[i * K + k0 + q];
+            for (int64_t d = 0; d < kTileCols; ++d) acc[q][d] += a * G[i * D + d0 + d];
+          }
+      } else {
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t q = 0; q < kb; ++q) {
+            const acc_t a = rows[i * K + k0 + q];
+            for (int64_t d = 0; d < dc; ++d) acc[q][d] += a * G[i * D + d0 + d];
+          }
+      }
+      for (int64_t q = 0; q < kb; ++q)
+        for (int64_t d = 0; d < dc; ++d) P[(k0 + q) * D + d0 + d] = acc[q][d];
+    }
+  }
+}
+
+// Rows of addresses [n0, n0 + nb) (through the index), converted to acc_t.
+template <typename scalar_t, typename acc_t>
+void gather_rows(const scalar_t* a, const int64_t* idx, const Geometry& g, int64_t n0, int64_t nb, acc_t* dst) {
+  for (int64_t i = 0; i < nb; ++i) {
+    const scalar_t* row = a + (idx ? idx[n0 + i] : n0 + i) * g.K;
+    for (int64_t k = 0; k < g.K; ++k) dst[i * g.K + k] = static_cast<acc_t>(row[k]);
+  }
+}
+
+// The bases as a contiguous (K, D) acc_t tensor (a copy only for half types).
+at::Tensor bases_in_acc(const at::Tensor& B, const Geometry& g) {
+  const auto acc = at::toOpMathType(B.scalar_type());
+  return B.reshape({g.K, g.D}).to(acc).contiguous();
+}
+
+// The index, checked in range: an IndexError, as for PyTorch's own indexing.
+at::Tensor checked_index(const c10::optional<at::Tensor>& index, const Geometry& g) {
+  if (!index.has_value()) return at::Tensor();
+  at::Tensor idx = index->contiguous();
+  const int64_t* ix = idx.const_data_ptr<int64_t>();
+  for (int64_t n = 0; n < g.N; ++n)
+    TORCH_CHECK_INDEX(ix[n] >= 0 && ix[n] < g.R, "addrmem::synthesize: index[", n, "] = ", ix[n],
+                      " is out of range for ", g.R, " address rows");
+  return idx;
+}
 
 at::Tensor synthesize_cpu(const at::Tensor& addresses, const at::Tensor& bases,
                           const c10::optional<at::Tensor>& index, int64_t scale) {
   const Geometry g = make_geometry(addresses, bases, index, scale);
+  const at::RecordFunctionGuard one_op(false);  // profiles show the op, not the ATen calls inside it
   const at::Tensor A = addresses.contiguous();
-  const at::Tensor B = bases.contiguous();
-  const at::Tensor idx = index.has_value() ? index->contiguous() : at::Tensor();
+  const at::Tensor idx = checked_index(index, g);
   at::Tensor out = at::empty({g.N, g.C, g.H, g.W}, A.options());
   if (g.N == 0) return out;
+  const at::Tensor Bacc = bases_in_acc(bases, g);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "synthesize_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    constexpr bool same = std::is_same_v<acc_t, scalar_t>;
     const scalar_t* a = A.const_data_ptr<scalar_t>();
-    const scalar_t* b = B.const_data_ptr<scalar_t>();
+    const acc_t* b = Bacc.const_data_ptr<acc_t>();
     const int64_t* ix = idx.defined() ? idx.const_data_ptr<int64_t>() : nullptr;
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    // At scale 1 in float/double the GEMM writes the output itself.
+    const bool direct = same && g.s == 1;
+    const int64_t nb_max = block_rows(g, direct), blocks = (g.N + nb_max - 1) / nb_max;
     const Axis<acc_t> ay(g.H, g.h, g.s), ax(g.W, g.w, g.s);
-    const int64_t grain = std::max<int64_t>(1, 65536 / (g.K * g.D + g.C * g.H * g.W));
 
-    at::parallel_for(0, g.N, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> low(g.D);
-      for (int64_t n = begin; n < end; ++n) {
-        const scalar_t* arow = a + row_of(ix, n) * g.K;
-        std::fill(low.begin(), low.end(), acc_t(0));
-        for (int64_t k = 0; k < g.K; ++k) {
-          const acc_t coef = static_cast<acc_t>(arow[k]);
-          const scalar_t* bk = b + k * g.D;
-          for (int64_t d = 0; d < g.D; ++d) low[d] += coef * static_cast<acc_t>(bk[d]);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> rows(nb_max * g.K), low, wide;
+      if (!direct) low.resize(nb_max * g.D);
+      if (g.s > 1) wide.resize(nb_max * g.C * g.h * g.W);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t n0 = blk * nb_max, nb = std::min(nb_max, g.N - n0);
+        gather_rows(a, ix, g, n0, nb, rows.data());
+        acc_t* lo = direct ? reinterpret_cast<acc_t*>(o + n0 * g.D) : low.data();
+        gemm_rows_bases(rows.data(), b, lo, nb, g.K, g.D);
+        scalar_t* ob = o + n0 * g.C * g.H * g.W;
+        if (direct) continue;
+        if (g.s == 1) {
+          convert(lo, ob, nb * g.D);
+          continue;
         }
-        scalar_t* on = o + n * g.C * g.H * g.W;
-        for (int64_t c = 0; c < g.C; ++c) {
-          const acc_t* lc = low.data() + c * g.h * g.w;
-          for (int64_t Y = 0; Y < g.H; ++Y) {
-            const acc_t* r0 = lc + ay.i0[Y] * g.w;
-            const acc_t* r1 = lc + ay.i1[Y] * g.w;
-            const acc_t ly = ay.l1[Y];
-            scalar_t* orow = on + (c * g.H + Y) * g.W;
-            for (int64_t X = 0; X < g.W; ++X) {
-              const int64_t x0 = ax.i0[X], x1 = ax.i1[X];
-              const acc_t lx = ax.l1[X];
-              const acc_t top = (acc_t(1) - lx) * r0[x0] + lx * r0[x1];
-              const acc_t bottom = (acc_t(1) - lx) * r1[x0] + lx * r1[x1];
-              orow[X] = static_cast<scalar_t>((acc_t(1) - ly) * top + ly * bottom);
-            }
-          }
-        }
+        with_factor(g.s, [&]<int S>() { widen<S>(ax, lo, wide.data(), nb * g.C * g.h); });
+        blend(ay, g.W, wide.data(), ob, nb * g.C);
       }
     });
   });
   return out;
 }
 
-// Deterministic backward: the low-resolution pixels are cut into fixed chunks,
-// each chunk reduces grad_bases over all rows in order and leaves its share of
-// each row's address gradient in `partial`, which is then summed in chunk order.
 std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& grad_out,
                                                            const at::Tensor& addresses,
                                                            const at::Tensor& bases,
                                                            const c10::optional<at::Tensor>& index,
-                                                           int64_t scale) {
+                                                           int64_t scale, std::array<bool, 2> output_mask) {
   const Geometry g = make_geometry(addresses, bases, index, scale);
   check_grad(grad_out, addresses, g);
+  const at::RecordFunctionGuard one_op(false);
+  const bool want_a = output_mask[0], want_b = output_mask[1];
   const at::Tensor G = grad_out.contiguous();
   const at::Tensor A = addresses.contiguous();
-  const at::Tensor B = bases.contiguous();
-  const at::Tensor idx = index.has_value() ? index->contiguous() : at::Tensor();
-  at::Tensor grad_bases = at::empty_like(B);
-  at::Tensor grad_addresses;
+  const at::Tensor idx = checked_index(index, g);
+  const at::Tensor Bacc = bases_in_acc(bases, g);
+  const auto acc_type = Bacc.scalar_type();
+  const at::Tensor Bt = Bacc.t().contiguous();  // (D, K)
+  at::Tensor grad_addresses = want_a ? at::zeros({g.R, g.K}, A.options()) : A.new_empty({0});
+  at::Tensor grad_bases = want_b ? at::empty({g.K, g.C, g.h, g.w}, A.options()) : A.new_empty({0});
+  if (g.N == 0) {
+    if (want_b) grad_bases.zero_();
+    return {grad_addresses, grad_bases};
+  }
+  // At scale 1 in float/double the output gradient is G_low itself.
+  const bool direct = g.s == 1 && acc_type == A.scalar_type();
+  const int64_t nb_max = block_rows(g, false), blocks = (g.N + nb_max - 1) / nb_max;
+  // Blocks are taken in up to 8 chunks of consecutive blocks (fewer if their
+  // grad_B partial sums would pass 64 MB); grad_B is summed over chunks in order.
+  const int64_t chunks = std::min<int64_t>({blocks, 8, want_b ? std::max<int64_t>(1, (1 << 24) / (g.K * g.D)) : 8});
+  at::Tensor grad_rows = want_a ? at::empty({g.N, g.K}, A.options().dtype(acc_type)) : at::Tensor();
+  at::Tensor partial = want_b ? at::empty({chunks, g.K, g.D}, A.options().dtype(acc_type)) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "synthesize_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int64_t kChunk = 256;
-    const int64_t chunks = (g.D + kChunk - 1) / kChunk;
+    constexpr bool same = std::is_same_v<acc_t, scalar_t>;
     const scalar_t* go = G.const_data_ptr<scalar_t>();
     const scalar_t* a = A.const_data_ptr<scalar_t>();
-    const scalar_t* b = B.const_data_ptr<scalar_t>();
     const int64_t* ix = idx.defined() ? idx.const_data_ptr<int64_t>() : nullptr;
-    scalar_t* gb = grad_bases.mutable_data_ptr<scalar_t>();
-    std::vector<acc_t> partial(chunks * g.N * g.K);
-    const AxisAdjoint<acc_t> ay(g.H, g.h, g.s), ax(g.W, g.w, g.s);
+    const Axis<acc_t> ay(g.H, g.h, g.s), ax(g.W, g.w, g.s);
+    const acc_t* bt = Bt.const_data_ptr<acc_t>();
+    acc_t* part = want_b ? partial.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* gr = want_a ? grad_rows.mutable_data_ptr<acc_t>() : nullptr;
 
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> gl(kChunk), gbk(g.K * kChunk);
+      std::vector<acc_t> rows(nb_max * g.K), low, folded;
+      if (!direct) low.resize(nb_max * g.D);
+      if (g.s > 1) folded.resize(nb_max * g.C * g.h * g.W);
       for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int64_t d0 = chunk * kChunk, np = std::min(kChunk, g.D - d0);
-        std::fill(gbk.begin(), gbk.end(), acc_t(0));
-        for (int64_t n = 0; n < g.N; ++n) {
-          // The low-resolution gradient of row n on this chunk: the adjoint of
-          // the upsampling, gathered from grad_out.
-          const scalar_t* gn = go + n * g.C * g.H * g.W;
-          for (int64_t p = 0; p < np; ++p) {
-            const int64_t d = d0 + p, x = d % g.w, y = (d / g.w) % g.h, c = d / (g.w * g.h);
-            acc_t v = 0;
-            for (int64_t i = ay.start[y]; i < ay.start[y + 1]; ++i) {
-              const scalar_t* grow = gn + (c * g.H + ay.dst[i]) * g.W;
-              acc_t vr = 0;
-              for (int64_t j = ax.start[x]; j < ax.start[x + 1]; ++j)
-                vr += ax.weight[j] * static_cast<acc_t>(grow[ax.dst[j]]);
-              v += ay.weight[i] * vr;
-            }
-            gl[p] = v;
+        const int64_t first = chunk * blocks / chunks, last = (chunk + 1) * blocks / chunks;
+        for (int64_t blk = first; blk < last; ++blk) {
+          const int64_t n0 = blk * nb_max, nb = std::min(nb_max, g.N - n0);
+          const scalar_t* gblk = go + n0 * g.C * g.H * g.W;
+          acc_t* gl = direct ? const_cast<acc_t*>(reinterpret_cast<const acc_t*>(gblk)) : low.data();
+          if (!direct && g.s == 1) convert(gblk, gl, nb * g.D);
+          if (g.s > 1) {
+            unblend(ay, g.W, gblk, folded.data(), nb * g.C);
+            with_factor(g.s, [&]<int S>() { narrow<S>(ax, folded.data(), gl, nb * g.C * g.h); });
           }
-          const scalar_t* arow = a + row_of(ix, n) * g.K;
-          acc_t* part = partial.data() + (chunk * g.N + n) * g.K;
-          for (int64_t k = 0; k < g.K; ++k) {
-            const acc_t coef = static_cast<acc_t>(arow[k]);
-            const scalar_t* bk = b + k * g.D + d0;
-            acc_t* gk = gbk.data() + k * kChunk;
-            acc_t dot = 0;
-            for (int64_t p = 0; p < np; ++p) {
-              gk[p] += coef * gl[p];
-              dot += gl[p] * static_cast<acc_t>(bk[p]);
-            }
-            part[k] = dot;
+          if (want_a) gemm_rows_bases(gl, bt, gr + n0 * g.K, nb, g.D, g.K);
+          if (want_b) {
+            gather_rows(a, ix, g, n0, nb, rows.data());
+            gemm_rows_t_grad(rows.data(), gl, part + chunk * g.K * g.D, nb, g.K, g.D, blk == first);
           }
         }
-        for (int64_t k = 0; k < g.K; ++k)
-          for (int64_t p = 0; p < np; ++p) gb[k * g.D + d0 + p] = static_cast<scalar_t>(gbk[k * kChunk + p]);
       }
     });
 
-    // Each row's address gradient, summed over chunks in order, then added to
-    // its address row in row order (repeated rows accumulate).
-    std::vector<acc_t> ga(g.R * g.K, acc_t(0));
-    for (int64_t n = 0; n < g.N; ++n) {
-      acc_t* dst = ga.data() + row_of(ix, n) * g.K;
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        const acc_t* part = partial.data() + (chunk * g.N + n) * g.K;
-        for (int64_t k = 0; k < g.K; ++k) dst[k] += part[k];
+    if (want_b) {
+      // Sum the chunks in order (columns in parallel: the order per element is fixed).
+      const acc_t* pp = partial.const_data_ptr<acc_t>();
+      scalar_t* gb = grad_bases.mutable_data_ptr<scalar_t>();
+      const int64_t total = g.K * g.D;
+      at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t e = begin; e < end; ++e) {
+          acc_t v = pp[e];
+          for (int64_t c = 1; c < chunks; ++c) v += pp[c * total + e];
+          gb[e] = static_cast<scalar_t>(v);
+        }
+      });
+    }
+    if (want_a) {
+      // Each row's gradient into its address row, in row order (repeats add up).
+      const acc_t* gr = grad_rows.const_data_ptr<acc_t>();
+      if (!ix && same) {
+        grad_addresses = grad_rows;
+      } else {
+        std::vector<acc_t> ga(g.R * g.K, acc_t(0));
+        for (int64_t n = 0; n < g.N; ++n) {
+          acc_t* dst = ga.data() + (ix ? ix[n] : n) * g.K;
+          for (int64_t k = 0; k < g.K; ++k) dst[k] += gr[n * g.K + k];
+        }
+        scalar_t* gap = grad_addresses.mutable_data_ptr<scalar_t>();
+        for (int64_t e = 0; e < g.R * g.K; ++e) gap[e] = static_cast<scalar_t>(ga[e]);
       }
     }
-    grad_addresses = at::empty_like(A);
-    scalar_t* gap = grad_addresses.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < g.R * g.K; ++i) gap[i] = static_cast<scalar_t>(ga[i]);
   });
   return {grad_addresses, grad_bases};
 }
@@ -192,9 +472,11 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
 
 TORCH_LIBRARY(addrmem, m) {
   m.def("synthesize(Tensor addresses, Tensor bases, Tensor? index, int scale) -> Tensor");
+  // output_mask: which of (grad_addresses, grad_bases) to compute; an output
+  // not asked for is an empty tensor.
   m.def(
-      "synthesize_backward(Tensor grad, Tensor addresses, Tensor bases, Tensor? index, int scale)"
-      " -> (Tensor, Tensor)");
+      "synthesize_backward(Tensor grad, Tensor addresses, Tensor bases, Tensor? index, int scale,"
+      " bool[2] output_mask) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(addrmem, CPU, m) {

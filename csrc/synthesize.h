@@ -23,6 +23,9 @@ inline Geometry make_geometry(const at::Tensor& addresses, const at::Tensor& bas
   TORCH_CHECK(addresses.size(1) == bases.size(0), "addrmem::synthesize: K mismatch (",
               addresses.size(1), " vs ", bases.size(0), ")");
   TORCH_CHECK(scale >= 1, "addrmem::synthesize: scale must be >= 1, got ", scale);
+  TORCH_CHECK(bases.size(0) >= 1, "addrmem::synthesize: the memory has no bases (K = 0)");
+  TORCH_CHECK(bases.size(1) >= 1 && bases.size(2) >= 1 && bases.size(3) >= 1,
+              "addrmem::synthesize: bases have an empty image dimension: ", bases.sizes());
   Geometry g;
   g.R = addresses.size(0);
   g.K = addresses.size(1);

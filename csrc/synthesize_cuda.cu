@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <climits>
 
 #include "synthesize.h"
@@ -65,15 +66,19 @@ at::Tensor synthesize_cuda(const at::Tensor& addresses, const at::Tensor& bases,
 // and follow torch.backends.cuda.matmul's settings, TF32 included.
 std::tuple<at::Tensor, at::Tensor> synthesize_backward_cuda(const at::Tensor& grad_out, const at::Tensor& addresses,
                                                             const at::Tensor& bases,
-                                                            const c10::optional<at::Tensor>& index, int64_t scale) {
+                                                            const c10::optional<at::Tensor>& index, int64_t scale,
+                                                            std::array<bool, 2> output_mask) {
   const Geometry g = make_geometry(addresses, bases, index, scale);
   check_grad(grad_out, addresses, g);
+  const bool want_a = output_mask[0], want_b = output_mask[1];
   const c10::cuda::CUDAGuard guard(addresses.device());
   const at::Tensor G = grad_out.contiguous();
   const at::Tensor A = addresses.contiguous();
   const at::Tensor B = bases.contiguous();
   const at::Tensor idx = index.has_value() ? index->contiguous() : at::Tensor();
-  if (g.N == 0) return {at::zeros({g.R, g.K}, A.options()), at::zeros(B.sizes(), B.options())};
+  const at::Tensor none = A.new_empty({0});  // an output not asked for
+  if (g.N == 0)
+    return {want_a ? at::zeros({g.R, g.K}, A.options()) : none, want_b ? at::zeros(B.sizes(), B.options()) : none};
   TORCH_CHECK(g.N < INT_MAX, "addrmem::synthesize_backward: at most ", INT_MAX - 1, " indexed rows");
   const auto acc_options = A.options().dtype(at::toOpMathType(A.scalar_type()));
   const Launch launch{c10::cuda::getCurrentCUDAStream()};
@@ -82,9 +87,10 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cuda(const at::Tensor& gr
   // scale 1), then its share of both GEMMs; grad_bases adds the chunks in order.
   const int64_t chunk = backward_chunk_rows(g, kLowBudget);
   const at::Tensor B_t = B.view({g.K, g.D}).to(acc_options.dtype()).t();
-  const at::Tensor rows = (idx.defined() ? A.index_select(0, idx) : A).to(acc_options.dtype());  // (N, K)
-  at::Tensor grad_rows = at::empty({g.N, g.K}, acc_options);
-  at::Tensor bases_acc = at::empty({g.K, g.D}, acc_options);
+  const at::Tensor rows =
+      want_b ? (idx.defined() ? A.index_select(0, idx) : A).to(acc_options.dtype()) : at::Tensor();  // (N, K)
+  at::Tensor grad_rows = want_a ? at::empty({g.N, g.K}, acc_options) : at::Tensor();
+  at::Tensor bases_acc = want_b ? at::empty({g.K, g.D}, acc_options) : at::Tensor();
   const at::Tensor low_buffer = g.s == 1 ? at::Tensor() : at::empty({chunk, g.D}, acc_options);
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
     const int64_t m = std::min(chunk, g.N - n0);
@@ -98,14 +104,17 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cuda(const at::Tensor& gr
                                  low.mutable_data_ptr<at::opmath_type<scalar_t>>(), g, n0, m);
       });
     }
-    at::Tensor grad_rows_chunk = grad_rows.narrow(0, n0, m);
-    at::mm_out(grad_rows_chunk, low, B_t);
-    if (n0 == 0)
+    if (want_a) {
+      at::Tensor grad_rows_chunk = grad_rows.narrow(0, n0, m);
+      at::mm_out(grad_rows_chunk, low, B_t);
+    }
+    if (want_b && n0 == 0)
       at::mm_out(bases_acc, rows.narrow(0, n0, m).t(), low);
-    else
+    else if (want_b)
       bases_acc.addmm_(rows.narrow(0, n0, m).t(), low);
   }
-  at::Tensor grad_bases = bases_acc.to(A.scalar_type()).view(B.sizes());
+  const at::Tensor grad_bases = want_b ? bases_acc.to(A.scalar_type()).view(B.sizes()) : none;
+  if (!want_a) return {none, grad_bases};
   if (!idx.defined()) return {grad_rows.to(A.scalar_type()), grad_bases};
 
   at::Tensor grad_addresses = at::empty({g.R, g.K}, A.options());

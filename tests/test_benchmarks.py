@@ -47,7 +47,7 @@ def test_mismatch_is_reported_not_fatal(tmp_path, capsys, monkeypatch):
     kernel_speed = load_script()
     reference = kernel_speed.addrmem.synthesize_reference
 
-    def wrong(addresses, bases, index=None, scale=1, *, check_index=True):
+    def wrong(addresses, bases, index=None, scale=1):
         return reference(addresses, bases, index, scale) * 1.1
 
     monkeypatch.setattr(kernel_speed.addrmem, "synthesize", wrong)
