@@ -2,7 +2,7 @@
 
 A run folder holds
 
-==================  ==========================================================
+=================== ================================================================
 ``config.yaml``     the config (:meth:`addrmem.config.DistillConfig.to_yaml`)
 ``log.jsonl``       one JSON record per outer iteration: ``iteration``,
                     ``loss`` and ``grad_norm`` (of that iteration's update),
@@ -14,7 +14,7 @@ A run folder holds
 ``recall.png``      one row per class, normalisation undone (:func:`save_grids`)
 ``results.json``    the final comparison (:func:`addrmem.experiment.run_experiment`)
 ``baseline-image/`` the same files for the ImageMemory baseline
-==================  ==========================================================
+=================== ================================================================
 
 Every file is written atomically (:mod:`addrmem.files`), except that
 ``log.jsonl`` is appended a record at a time; a checkpoint says how many
@@ -27,7 +27,6 @@ import json
 import math
 import os
 
-import torch
 import torch.nn.functional as F
 
 from .data import to_display
