@@ -1,5 +1,5 @@
-"""addrmem.memory: budget arithmetic (METHOD.md §2), initialisation, indexing,
-recall and general queries, row sampling, save/load."""
+"""addrmem.memory: budget arithmetic (docs/method.md, "The storage budget"),
+initialisation, indexing, recall and general queries, row sampling, save/load."""
 
 import math
 
@@ -27,7 +27,7 @@ def small_image(dtype=torch.float64, seed=0):
 MEMORIES = [small_addressable, small_image]
 
 
-# --- budget (METHOD.md §2) ------------------------------------------------------------
+# --- budget (docs/method.md) -----------------------------------------------------------
 
 
 def test_worked_example_cifar10_ipc1_k16_ds2():
