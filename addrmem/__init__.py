@@ -5,7 +5,7 @@ A few shared bases plus learned addressing coefficients (Deng & Russakovsky,
 
 The modules that need torch alone (ops, memory, hypergradient, augment,
 networks) load with the package; those that also need numpy, PyYAML, tqdm or
-torchvision (data, config, evaluation, distill, runs, experiment) load when
+torchvision (data, config, evaluation, distill, runs, experiment, continual) load when
 one of their names is first used.
 """
 
@@ -24,11 +24,13 @@ _LAZY = {  # name -> the module that defines it, imported on first use
     "DistillConfig": "config", "default_config": "config",
     "evaluate": "evaluation",
     "run_experiment": "experiment",
+    "ContinualConfig": "continual", "make_stream": "continual", "run_continual": "continual",
 }
 
 __all__ = [
     "AddressableMemory",
     "AlexNet",
+    "ContinualConfig",
     "ConvNet",
     "Dataset",
     "DistillConfig",
@@ -47,6 +49,8 @@ __all__ = [
     "load_dataset",
     "load_memory",
     "make_network",
+    "make_stream",
+    "run_continual",
     "run_experiment",
     "synthesize",
     "synthesize_reference",

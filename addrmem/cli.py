@@ -20,6 +20,8 @@ import time
 import torch
 
 from .config import DistillConfig, default_config, derive_seed, device_name, resolve_device
+from .continual import BENCHMARKS as CONTINUAL_BENCHMARKS
+from .continual import ContinualConfig, make_stream, run_continual
 from .data import DATASETS, load_dataset
 from .evaluation import evaluate
 from .experiment import run_experiment
@@ -101,6 +103,29 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--nets", type=int, default=None, help="networks to train (default: the run's eval_nets)")
     ev.add_argument("--network", default=None, help="architecture to train (default: the run's network)")
     ev.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the run's device)")
+
+    cl = commands.add_parser(
+        "continual", help="learn a stream of tasks with every memory at the same storage budget",
+        description="Learn a stream of tasks with one learner and compare, at the same storage budget in floats, "
+                    "fine-tuning, experience replay, a distilled ImageMemory, the addressable memory and joint "
+                    "training: retained accuracy (RA), backward transfer (BTI), learning accuracy (LA) and the "
+                    "accuracy matrix R. Options override --config FILE, which overrides the defaults; a run "
+                    "folder (config.yaml, checkpoint.pt, results.json, accuracy.png, R-METHOD.png) is written "
+                    "to --out. See docs/continual.md.")
+    cl.add_argument("--benchmark", default=None, metavar="NAME",
+                    help=f"the stream: {', '.join(CONTINUAL_BENCHMARKS)} (default: split-digits)")
+    cl.add_argument("--config", metavar="FILE.yaml", default=None,
+                    help="YAML mapping of continual config fields (e.g. configs/continual-rotations.yaml)")
+    cl.add_argument("--data-root", dest="data_root", metavar="DIR", default=None,
+                    help="folder holding the dataset (MNIST: DIR/MNIST/raw/ with the four IDX files)")
+    cl.add_argument("--out", metavar="RUN", default=None,
+                    help="new run folder (default: runs/continual-BENCHMARK-seedS-TIMESTAMP)")
+    cl.add_argument("--resume", metavar="RUN", default=None,
+                    help="continue an interrupted run after its last finished task, with its saved config")
+    cl.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the stream and of every draw")
+    cl.add_argument("--device", default=None, metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default: cpu)")
+    cl.add_argument("--download", action="store_true",
+                    help="let torchvision download the dataset into --data-root if it is not there")
     return parser
 
 
@@ -109,7 +134,7 @@ def main(argv=None) -> int:
     ``sys.argv[1:]``. Returns 0; exits with a one-line message and status 1
     on bad input (SystemExit), 130 when interrupted."""
     args = _parser().parse_args(argv)
-    command = {"distill": _distill, "show": _show, "eval": _eval}[args.command]
+    command = {"distill": _distill, "show": _show, "eval": _eval, "continual": _continual}[args.command]
     try:
         command(args)
     except KeyboardInterrupt:
@@ -249,6 +274,45 @@ def _eval(args):
     print(f"test accuracy of {args.run}/memory.pt ({type(memory).__name__}, {len(labels)} images) on "
           f"{dataset.name}: {acc} % ({nets} {args.network or config.network} networks x "
           f"{config.eval_epochs} epochs)")
+
+
+def _continual(args):
+    flags = {name: getattr(args, name) for name in ("benchmark", "data_root", "seed", "device")
+             if getattr(args, name) is not None}
+    if args.resume:
+        if flags or args.config or args.out:
+            raise ValueError("--resume takes every setting from the run's config.yaml; drop the other options")
+        path = os.path.join(args.resume, "config.yaml")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{args.resume!r} is not an addrmem continual run folder (no config.yaml): "
+                                    f"give the folder that addrmem continual wrote")
+        config, run_dir = ContinualConfig.from_yaml(path), args.resume
+    else:
+        config = (ContinualConfig.from_yaml(args.config, **flags) if args.config
+                  else ContinualConfig.from_dict(flags))
+        run_dir = args.out or os.path.join(
+            "runs", f"continual-{config.benchmark}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.run = run_dir  # where _os_error says the files are
+    print(f"device: {device_name(resolve_device(config.device))}")
+    _set_threads(config)
+    stream = make_stream(config, download=args.download)
+    try:
+        results = run_continual(config, run_dir, resume=bool(args.resume), stream=stream)
+    except KeyboardInterrupt:
+        print(f"\naddrmem: interrupted; continue with: addrmem continual --resume {run_dir}", file=sys.stderr)
+        raise SystemExit(130)
+    print(_format_continual(results))
+    print(f"run folder: {run_dir}")
+
+
+def _format_continual(results) -> str:
+    """The table printed by ``addrmem continual``."""
+    lines = [f"{results['benchmark']}: {results['tasks']} tasks, {results['protocol']} protocol, budget "
+             f"{results['budget_floats']} floats; test accuracy (%):",
+             f"  {'method':<12} {'RA':>6} {'BTI':>7} {'LA':>6} {'floats':>9} {'seconds':>8}"]
+    lines += [f"  {name:<12} {m['ra']:6.2f} {m['bti']:7.2f} {m['la']:6.2f} {m['num_floats']:9d} {m['seconds']:8.1f}"
+              for name, m in results["methods"].items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
