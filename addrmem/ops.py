@@ -1,9 +1,10 @@
 """The fused synthesis op: ``addresses[index] @ bases``, bilinearly upsampled.
 
-The kernels live in ``csrc/`` (``synthesize.cpp`` for the schema and the CPU
-kernels, ``synthesize_cuda.cu`` for the CUDA kernels). This module checks the
-arguments, registers the op's fake (meta) implementation and its autograd
-formula with ``torch.library``, and documents it.
+The kernels live in ``csrc/``: ``synthesize.cpp`` holds the schema, the CPU
+kernels and the autograd formulas (C++ autograd Functions, so a call costs no
+Python beyond this wrapper), ``synthesize_cuda.cu`` the CUDA kernels. This
+module checks the arguments, registers the op's fake (meta) implementations
+with ``torch.library`` and documents it.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def synthesize(
     _check(addresses, bases, scale)
     if index is not None:
         index = validate_index(index, addresses.device)
-    op = _ops()[0]
+    op = torch.ops.addrmem.synthesize
     if bases.dim() == 2:
         flat = op(addresses, bases[:, None, None, :], index, 1)
         return flat.view(flat.shape[0], bases.shape[1])
@@ -146,7 +147,7 @@ def synthesize_reference(
     return torch.nn.functional.interpolate(low, scale_factor=scale, mode="bilinear", align_corners=False)
 
 
-# --- torch.library registration: fake implementations and autograd ---------------------
+# --- fake (meta) implementations, for torch.compile and opcheck ----------------------------
 
 
 @torch.library.register_fake("addrmem::synthesize")
@@ -161,85 +162,3 @@ def _synthesize_backward_fake(grad, addresses, bases, index, scale, output_mask)
     # The kernels return contiguous gradients (whatever the inputs' strides),
     # and an empty tensor for an output not asked for.
     return tuple(t.new_empty(t.shape if wanted else (0,)) for t, wanted in zip((addresses, bases), output_mask))
-
-
-def _setup_context(ctx, inputs, output):
-    addresses, bases, index, scale = inputs
-    ctx.save_for_backward(addresses, bases, index)
-    ctx.scale = scale
-
-
-def _synthesize_backward(ctx, grad):
-    addresses, bases, index = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:2])
-    grads = _ops()[1](grad, addresses, bases, index, ctx.scale, mask) if any(mask) else (None, None)
-    return *(g if wanted else None for g, wanted in zip(grads, mask)), None, None
-
-
-def _setup_context_backward(ctx, inputs, output):
-    grad, addresses, bases, index, scale, _ = inputs
-    ctx.save_for_backward(grad, addresses, bases, index)
-    ctx.scale = scale
-
-
-def _synthesize_double_backward(ctx, cot_addresses, cot_bases):
-    # synthesize_backward is bilinear: (grad, bases) -> grad_addresses and
-    # (grad, addresses) -> grad_bases, so its derivatives are the op and its
-    # backward again with the cotangents in place of one argument; each of
-    # those backward calls computes only the output that is used.
-    grad, addresses, bases, index = ctx.saved_tensors
-    s = ctx.scale
-    need_grad, need_addresses, need_bases = ctx.needs_input_grad[:3]
-    op, op_backward = _ops()
-    d_grad = d_addresses = d_bases = None
-    if cot_addresses is not None:
-        if need_grad:
-            d_grad = op(cot_addresses, bases, index, s)
-        if need_bases:
-            d_bases = op_backward(grad, cot_addresses, bases, index, s, [False, True])[1]
-    if cot_bases is not None:
-        if need_grad:
-            term = op(addresses, cot_bases, index, s)
-            d_grad = term if d_grad is None else d_grad + term
-        if need_addresses:
-            d_addresses = op_backward(grad, addresses, cot_bases, index, s, [True, False])[0]
-    return d_grad, d_addresses, d_bases, None, None, None
-
-
-# The ops' autograd formulas, registered with torch.library, and the same
-# formulas as autograd.Functions for torch.func transforms, which reject the
-# class that register_autograd generates (it lacks setup_context:
-# pytorch/pytorch#168393). The Functions cost more per call (apply binds the
-# arguments with inspect.signature), so they are used only under a transform.
-# Their forwards detach the inputs so that only the Function records the graph.
-torch.library.register_autograd("addrmem::synthesize", _synthesize_backward, setup_context=_setup_context)
-torch.library.register_autograd(
-    "addrmem::synthesize_backward", _synthesize_double_backward, setup_context=_setup_context_backward
-)
-
-
-class _Synthesize(torch.autograd.Function):
-    @staticmethod
-    def forward(addresses, bases, index, scale):
-        return torch.ops.addrmem.synthesize(addresses.detach(), bases.detach(), index, scale)
-
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_synthesize_backward)
-
-
-class _SynthesizeBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(grad, addresses, bases, index, scale, output_mask):
-        return torch.ops.addrmem.synthesize_backward(grad.detach(), addresses.detach(), bases.detach(), index, scale,
-                                                     output_mask)
-
-    setup_context = staticmethod(_setup_context_backward)
-    backward = staticmethod(_synthesize_double_backward)
-
-
-def _ops():
-    """(op, its backward): the registered ops, or their autograd.Functions
-    under a torch.func transform."""
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        return _Synthesize.apply, _SynthesizeBackward.apply
-    return torch.ops.addrmem.synthesize, torch.ops.addrmem.synthesize_backward

@@ -27,6 +27,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -237,34 +238,40 @@ inline int64_t block_rows(const Geometry& g, bool large) {
 // vectorises), so results are deterministic.
 constexpr int64_t kTileRows = 4, kTileCols = 64;
 
-// Columns [d0, d0 + COLS) of rows [i0, i0 + kTileRows) of gemm_rows_bases,
-// with the accumulators in registers (a partial tile repeats its last row).
-template <int64_t COLS, typename acc_t>
+// Columns [d0, d0 + COLS) of rows a[0..ROWS) of gemm_rows_bases, with the
+// accumulators in registers; rows q >= nr repeat a valid row and are not stored.
+template <int64_t ROWS, int64_t COLS, typename acc_t>
 ADDRMEM_INLINE void rows_bases_tile(const acc_t* const* a, const acc_t* __restrict__ B, acc_t* __restrict__ out,
                                     int64_t nr, int64_t K, int64_t D, int64_t d0) {
-  acc_t acc[kTileRows][COLS] = {};
+  acc_t acc[ROWS][COLS] = {};
   for (int64_t k = 0; k < K; ++k) {
     const acc_t* b = B + k * D + d0;
-    for (int64_t q = 0; q < kTileRows; ++q)
+    for (int64_t q = 0; q < ROWS; ++q)
       for (int64_t d = 0; d < COLS; ++d) acc[q][d] += a[q][k] * b[d];
   }
-  for (int64_t q = 0; q < nr; ++q)
+  for (int64_t q = 0; q < std::min(ROWS, nr); ++q)
     for (int64_t d = 0; d < COLS; ++d) out[q * D + d0 + d] = acc[q][d];
 }
 
 // out (n, D) = rows (n, K) @ B (K, D); each element summed over k in order.
+// Tiles of 8 rows by 32 or 16 columns, or 4 rows by 64 (16 vector registers
+// of accumulators with AVX-512 floats), then single columns.
 template <typename acc_t>
 ADDRMEM_MULTIVERSION void gemm_rows_bases(const acc_t* __restrict__ rows, const acc_t* __restrict__ B,
                                           acc_t* __restrict__ out, int64_t n, int64_t K, int64_t D) {
-  for (int64_t i0 = 0; i0 < n; i0 += kTileRows) {
-    const int64_t nr = std::min(kTileRows, n - i0);
-    const acc_t* a[kTileRows];
-    for (int64_t q = 0; q < kTileRows; ++q) a[q] = rows + (i0 + std::min(q, nr - 1)) * K;
+  for (int64_t i0 = 0; i0 < n; i0 += 8) {
+    const int64_t nr = std::min<int64_t>(8, n - i0);
+    const acc_t* a[8];  // a partial tile repeats its last row
+    for (int64_t q = 0; q < 8; ++q) a[q] = rows + (i0 + std::min(q, nr - 1)) * K;
     acc_t* o = out + i0 * D;
     int64_t d0 = 0;
-    for (; d0 + 64 <= D; d0 += 64) rows_bases_tile<64>(a, B, o, nr, K, D, d0);
-    for (; d0 + 16 <= D; d0 += 16) rows_bases_tile<16>(a, B, o, nr, K, D, d0);
-    for (; d0 < D; ++d0) rows_bases_tile<1>(a, B, o, nr, K, D, d0);
+    for (; d0 + 64 <= D; d0 += 64) {
+      rows_bases_tile<4, 64>(a, B, o, nr, K, D, d0);
+      if (nr > 4) rows_bases_tile<4, 64>(a + 4, B, o + 4 * D, nr - 4, K, D, d0);
+    }
+    for (; d0 + 32 <= D; d0 += 32) rows_bases_tile<8, 32>(a, B, o, nr, K, D, d0);
+    for (; d0 + 16 <= D; d0 += 16) rows_bases_tile<8, 16>(a, B, o, nr, K, D, d0);
+    for (; d0 < D; ++d0) rows_bases_tile<8, 1>(a, B, o, nr, K, D, d0);
   }
 }
 
@@ -468,6 +475,106 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
   return {grad_addresses, grad_bases};
 }
 
+// --- Autograd: the formulas, as C++ autograd Functions (one graph node per
+// call, with no Python on the way; works for every device).
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor call_synthesize(const at::Tensor& addresses, const at::Tensor& bases,
+                           const c10::optional<at::Tensor>& index, int64_t scale) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("addrmem::synthesize", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                               int64_t)>();
+  return op.call(addresses, bases, index, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_synthesize_backward(const at::Tensor& grad, const at::Tensor& addresses,
+                                                            const at::Tensor& bases,
+                                                            const c10::optional<at::Tensor>& index, int64_t scale,
+                                                            std::array<bool, 2> output_mask) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("addrmem::synthesize_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const c10::optional<at::Tensor>&, int64_t, std::array<bool, 2>)>();
+  return op.call(grad, addresses, bases, index, scale, output_mask);
+}
+
+c10::optional<at::Tensor> optional_of(const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; }
+
+struct SynthesizeFunction : torch::autograd::Function<SynthesizeFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& addresses, const at::Tensor& bases,
+                            const c10::optional<at::Tensor>& index, int64_t scale) {
+    ctx->save_for_backward({addresses, bases, index.value_or(at::Tensor())});
+    ctx->saved_data["scale"] = scale;
+    at::AutoDispatchBelowADInplaceOrView below;
+    return call_synthesize(addresses, bases, index, scale);
+  }
+
+  // d out / d (addresses, bases): the backward op, computing only what is needed.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const std::array<bool, 2> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+    if (!grads[0].defined() || !(mask[0] || mask[1])) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    auto [ga, gb] = call_synthesize_backward(grads[0], saved[0], saved[1], optional_of(saved[2]),
+                                             ctx->saved_data["scale"].toInt(), mask);
+    return {mask[0] ? ga : at::Tensor(), mask[1] ? gb : at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+struct SynthesizeBackwardFunction : torch::autograd::Function<SynthesizeBackwardFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& addresses,
+                               const at::Tensor& bases, const c10::optional<at::Tensor>& index, int64_t scale,
+                               std::array<bool, 2> output_mask) {
+    ctx->save_for_backward({grad, addresses, bases, index.value_or(at::Tensor())});
+    ctx->saved_data["scale"] = scale;
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [ga, gb] = call_synthesize_backward(grad, addresses, bases, index, scale, output_mask);
+    return {ga, gb};
+  }
+
+  // synthesize_backward is bilinear: (grad, bases) -> grad_addresses and
+  // (grad, addresses) -> grad_bases. Its derivatives are the op and its
+  // backward again, with a cotangent in place of one argument; each backward
+  // call computes only the output that is used.
+  static variable_list backward(AutogradContext* ctx, variable_list cot) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &grad = saved[0], &addresses = saved[1], &bases = saved[2];
+    const auto index = optional_of(saved[3]);
+    const int64_t s = ctx->saved_data["scale"].toInt();
+    const bool need_grad = ctx->needs_input_grad(0), need_a = ctx->needs_input_grad(1),
+               need_b = ctx->needs_input_grad(2);
+    at::Tensor d_grad, d_a, d_b;
+    if (cot[0].defined() && cot[0].numel() > 0) {
+      if (need_grad) d_grad = call_synthesize(cot[0], bases, index, s);
+      if (need_b) d_b = std::get<1>(call_synthesize_backward(grad, cot[0], bases, index, s, {false, true}));
+    }
+    if (cot[1].defined() && cot[1].numel() > 0) {
+      if (need_grad) {
+        const at::Tensor term = call_synthesize(addresses, cot[1], index, s);
+        d_grad = d_grad.defined() ? d_grad + term : term;
+      }
+      if (need_a) d_a = std::get<0>(call_synthesize_backward(grad, addresses, cot[1], index, s, {true, false}));
+    }
+    return {d_grad, d_a, d_b, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor synthesize_autograd(const at::Tensor& addresses, const at::Tensor& bases,
+                               const c10::optional<at::Tensor>& index, int64_t scale) {
+  return SynthesizeFunction::apply(addresses, bases, index, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> synthesize_backward_autograd(const at::Tensor& grad, const at::Tensor& addresses,
+                                                                const at::Tensor& bases,
+                                                                const c10::optional<at::Tensor>& index,
+                                                                int64_t scale, std::array<bool, 2> output_mask) {
+  const auto out = SynthesizeBackwardFunction::apply(grad, addresses, bases, index, scale, output_mask);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(addrmem, m) {
@@ -482,6 +589,11 @@ TORCH_LIBRARY(addrmem, m) {
 TORCH_LIBRARY_IMPL(addrmem, CPU, m) {
   m.impl("synthesize", &synthesize_cpu);
   m.impl("synthesize_backward", &synthesize_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(addrmem, Autograd, m) {
+  m.impl("synthesize", &synthesize_autograd);
+  m.impl("synthesize_backward", &synthesize_backward_autograd);
 }
 
 }  // namespace addrmem
