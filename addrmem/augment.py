@@ -1,4 +1,4 @@
-"""Flip/rotate augmentation (METHOD.md §3.4, the official 'flip_rotate').
+"""Flip/rotate augmentation (docs/method.md, "Augmentation": the official 'flip_rotate').
 
 * Distillation: :meth:`SiameseAugment.draw` makes one transform per outer
   iteration, applied identically to every inner step's synthetic batch, to the

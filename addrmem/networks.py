@@ -1,4 +1,4 @@
-"""Networks trained on recalled images (METHOD.md §4, §12.6), and a registry by name.
+"""Networks trained on recalled images (docs/method.md, "Evaluation protocol" and "Where addrmem departs from the official code"), and a registry by name.
 
 Every network takes (N, C, H, W) images and returns plain logits
 (N, num_classes). They hold parameters only (no buffers), so that the inner
@@ -46,7 +46,7 @@ def _size(image_size):
 
 
 class ConvNet(nn.Module):
-    """The ConvNet of DC/DSA/MTT/RTP (METHOD.md §4).
+    """The ConvNet of DC/DSA/MTT/RTP (docs/method.md, "Evaluation protocol").
 
     ``depth`` blocks of Conv3x3 (padding 1; padding 3 on the first layer for
     1-channel 28x28 input, so MNIST maps are 32x32) -> GroupNorm(width, width,
@@ -171,7 +171,7 @@ class _FeatureMap:
 
 
 class AlexNet(nn.Module):
-    """AlexNet of DC/MTT in RTP's instance-norm version (METHOD.md §4).
+    """AlexNet of DC/MTT in RTP's instance-norm version (docs/method.md, "Evaluation protocol").
 
     Conv5x5(128) -> pool -> Conv5x5(192) -> pool -> Conv3x3(256) ->
     Conv3x3(192) -> Conv3x3(192) -> pool, each convolution followed by

@@ -22,6 +22,12 @@ computation must move, at the copy bandwidth measured in the same run:
 - forward+backward: that, plus read ``grad_out`` once and write
   ``grad_addresses`` (R x K) and ``grad_bases``.
 
+The ``fresh`` row times ``torch.empty(output shape).fill_(0)``: allocating a
+new output tensor and writing it once. Every method returns a new tensor and
+pays this; on the CPU, where the allocator hands large blocks back to the
+operating system, it includes the page faults of first touching fresh memory,
+which can cost far more than the copy floor.
+
 Ratio columns: ``/ours`` is a method's time over addrmem's (above 1: slower
 than addrmem), ``/floor`` its time over the floor (1 would be perfect).
 
@@ -310,6 +316,11 @@ def bench_shape(shape: Shape, dtype, device, args, bandwidth: float) -> list[dic
         dict(base, method="floor", fwd_s=floor[0], fwd_bwd_s=floor[1], bytes_fwd=traffic[0], bytes_fwd_bwd=traffic[1],
              note=f"bytes moved / {bandwidth / 1e9:.1f} GB/s copy")
     )
+    out_shape = (shape.n, shape.c, shape.h * shape.scale, shape.w * shape.scale)
+    fresh = time_op(lambda _: torch.empty(out_shape, dtype=dtype, device=device).fill_(0), [None], device,
+                    args.warmup, args.repeats)
+    rows.append(dict(base, method="fresh", fwd_s=fresh, fwd_bwd_s=None,
+                     note="allocate and first write an output of this size (every method returning a new tensor pays it)"))
     ours = rows[0]
     for row in rows:
         row["fwd_vs_addrmem"] = ratio(row["fwd_s"], ours["fwd_s"])

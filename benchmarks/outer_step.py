@@ -53,7 +53,10 @@ Settings: the default is the README's CIFAR-10 IPC-1 job (docs/method.md,
 ``AddressableMemory.from_budget(1, 10, (3, 32, 32), 16, 2)`` (115 rows per
 class), ConvNet width 128 depth 3, T = 150, 32 rows per class per step (320
 synthetic images), 64 real images per class (640) from a pool of 4500 per
-class (CIFAR-10's training split less the 10 % validation split). ``--quick``
+class (CIFAR-10's training split less the 10 % validation split). ``--mnist`` is
+the MNIST job of ``configs/mnist-ipc1-cpu.yaml`` (28x28 images, K = 16 bases
+at 14x14, 29 rows per class, MLP, T = 100, 29 rows and 64 real images per
+class and step). ``--quick``
 is a tiny digits-like job (1x8x8, 10 classes, K = 4, 14 rows per class, T = 5,
 4 rows and 8 real images per class) that runs in seconds on a CPU.
 
@@ -65,6 +68,7 @@ Usage (from the repository root)::
 
     python benchmarks/outer_step.py                         # GPU if there is one
     python benchmarks/outer_step.py --quick --device cpu
+    OMP_NUM_THREADS=1 python benchmarks/outer_step.py --mnist --device cpu --iterations 3
     python benchmarks/outer_step.py --steps 10 --iterations 1 --json out.json
     python benchmarks/outer_step.py --net resnet18 --augment --dtype bfloat16
 """
@@ -122,6 +126,9 @@ class Setting:
 
 DEFAULT = Setting("cifar10-ipc1", (3, 32, 32), 10, 1, 16, 2, "convnet", 150, 32, 64, 4500, False)
 QUICK = Setting("quick", (1, 8, 8), 10, 1, 4, 2, "convnet", 5, 4, 8, 100, False)
+# configs/mnist-ipc1-cpu.yaml's job: K=16 bases at 14x14 for 28x28 images (29 rows per class), MLP, T=100.
+MNIST = Setting("mnist-ipc1-cpu", (1, 28, 28), 10, 1, 16, 2, "mlp", 100, 29, 64, 500, False)
+OPS = ("addrmem::synthesize", "addrmem::synthesize_backward")  # the fused op's profiler names
 
 
 class Job:
@@ -215,8 +222,24 @@ def profiled_iteration(job: Job) -> tuple[dict, bool]:
     seconds.update(chain(spans, PARTS, "outer_step", start))
     seconds.update(chain(spans, LOOPS, "addrmem", spans["outer_step.sample"][1]))
     seconds["hypergradient_other"] = seconds["hypergradient"] - sum(seconds[loop] for loop in LOOPS)
+    seconds["op"] = op_seconds(events)
     gpu_found = all(spans[f"addrmem.{loop}"][2] for loop in LOOPS) if cuda else None
     return seconds, gpu_found
+
+
+def op_seconds(events) -> float:
+    """Seconds of the fused op's outermost calls (OPS) on the CPU: on CUDA,
+    their launch spans, not the kernels' device time."""
+    def nested(event):
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name in OPS:
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    return sum(e.time_range.elapsed_us() for e in events
+               if e.name in OPS and e.device_type == DeviceType.CPU and not nested(e)) / 1e6
 
 
 def chain(spans: dict, parts, prefix: str, previous_done: float) -> dict:
@@ -307,8 +330,11 @@ def parse_args(argv):
         description="Time one outer iteration of addrmem's distillation, part by part.",
         epilog="See the module docstring for what is measured and how.",
     )
-    p.add_argument("--quick", action="store_true", help="a tiny digits-like job (1x8x8, T=5) instead of "
-                   "the README's CIFAR-10 IPC-1 job")
+    jobs = p.add_mutually_exclusive_group()
+    jobs.add_argument("--quick", action="store_true", help="a tiny digits-like job (1x8x8, T=5) instead of "
+                      "the README's CIFAR-10 IPC-1 job")
+    jobs.add_argument("--mnist", action="store_true", help="configs/mnist-ipc1-cpu.yaml's job (28x28, K=16 "
+                      "bases at 14x14, 29 rows per class, MLP, T=100) instead of the CIFAR-10 one")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda if available, else cpu (default)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
@@ -337,7 +363,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = args.device
     cuda = device.type == "cuda"
-    base = QUICK if args.quick else DEFAULT
+    base = QUICK if args.quick else MNIST if args.mnist else DEFAULT
     overrides = {"steps": args.steps, "n_per_c": args.n_per_c, "net": args.net}
     setting = dataclasses.replace(base, augment=args.augment,
                                   **{k: v for k, v in overrides.items() if v is not None})
@@ -378,6 +404,9 @@ def main(argv=None) -> int:
           f"{prof['iteration']:.4f} ({prof['iteration'] / wall['iteration']:.2f}x the wall time)")
     print(f"peak memory: {fmt_bytes(peak)}" + (f" allocated ({fmt_bytes(resident)} before the iterations)"
                                                if cuda else " (not measured on the CPU)"))
+    share = 100 * prof["op"] / prof["iteration"]
+    print(f"the fused op (addrmem::synthesize and its backward, outermost calls): {fmt_time(prof['op'])} of the "
+          f"profiled iteration, {share:.1f}%" + (" (CPU launch spans)" if cuda else ""))
     if gpu_found is False:
         print("WARNING: the profile has no GPU-side ranges; the profiled CUDA times are CPU (launch) spans")
     if args.json:

@@ -1,5 +1,5 @@
 """addrmem.augment: the Siamese (one draw per outer iteration) and per-image
-flip/rotate augmentation (METHOD.md §3.4)."""
+flip/rotate augmentation (docs/method.md, "Augmentation")."""
 
 import pytest
 import torch

@@ -32,7 +32,8 @@ def test_quick_cpu_run_writes_json(tmp_path, capsys):
     assert len(shapes) == len(kernel_speed.QUICK_SHAPES)
     for shape in shapes:
         by_method = {row["method"]: row for row in rows if row["shape"] == shape}
-        assert set(by_method) == {*kernel_speed.METHODS, "floor"}
+        assert set(by_method) == {*kernel_speed.METHODS, "floor", "fresh"}
+        assert by_method["fresh"]["fwd_s"] > 0 and by_method["fresh"]["fwd_bwd_s"] is None
         for method in ("addrmem", "eager", "floor"):
             row = by_method[method]
             assert row["fwd_s"] > 0 and row["fwd_bwd_s"] > 0, row

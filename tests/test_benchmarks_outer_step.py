@@ -35,7 +35,7 @@ def test_quick_cpu_run(tmp_path, capsys):
     assert result["peak_memory_bytes"] is None and result["profiled"]["gpu_ranges"] is None
     wall, prof = result["wall"]["median"], result["profiled"]["median"]
     assert set(wall) == {*outer_step.PARTS, "iteration"}
-    assert set(prof) == {*outer_step.PARTS, *outer_step.LOOPS, "hypergradient_other", "iteration"}
+    assert set(prof) == {*outer_step.PARTS, *outer_step.LOOPS, "hypergradient_other", "op", "iteration"}
     assert result["seconds_per_iteration"] == wall["iteration"]
     for times in (wall, prof):
         assert all(times[part] > 0 for part in outer_step.PARTS)
@@ -44,6 +44,9 @@ def test_quick_cpu_run(tmp_path, capsys):
     # The hypergradient's two loops (its record_function ranges) lie inside it, the reverse costing more.
     assert 0 < prof["inner_forward"] < prof["reverse"]
     assert 0 <= prof["hypergradient_other"] < prof["hypergradient"]
+    # The fused op runs inside the hypergradient's loops; its share is printed.
+    assert 0 < prof["op"] < prof["inner_forward"] + prof["reverse"]
+    assert "the fused op" in printed
 
 
 def test_overrides_and_help(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """The addrmem command: distill / show / eval on a tiny config, resume, and a
 one-line error naming the problem and the fix, with a non-zero exit, for
-every kind of bad input a user meets (issue 9's list: devices, paths that
+every kind of bad input a user meets (devices, paths that
 cannot be written, corrupt files, garbled logs, non-finite numbers)."""
 
 import errno

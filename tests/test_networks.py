@@ -1,4 +1,4 @@
-"""addrmem.networks: ConvNet as in METHOD.md §4, MLP, the cross-architecture
+"""addrmem.networks: ConvNet as in docs/method.md, MLP, the cross-architecture
 nets (AlexNet, VGG11, ResNet18), the registry."""
 
 import pytest
@@ -81,7 +81,7 @@ def test_make_network_unknown():
         make_network("resnet50", (3, 32, 32), 10)
 
 
-# The cross-architecture nets (METHOD.md §4, §12.6): instance-norm AlexNet, VGG11, ResNet18.
+# The cross-architecture nets (docs/method.md): instance-norm AlexNet, VGG11, ResNet18.
 
 CROSS_ARCH = {"alexnet": AlexNet, "vgg11": VGG11, "resnet18": ResNet18}
 
