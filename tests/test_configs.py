@@ -6,10 +6,7 @@ from pathlib import Path
 
 import pytest
 
-try:  # DistillConfig and its presets live in addrmem.config once distill.py is split
-    from addrmem.config import DistillConfig, default_config
-except ImportError:
-    from addrmem.distill import DistillConfig, default_config
+from addrmem.config import DistillConfig, default_config
 from addrmem.memory import AddressableMemory, ImageMemory
 from addrmem.networks import make_network
 
