@@ -73,7 +73,7 @@ BENCHMARKS = {
 ``train_per_task``/``test_per_task`` means all of a task's images."""
 
 DISTILL_DEFAULTS = dict(network="mlp", n_bases=8, downsample=1, steps=20, n_per_c=5, real_per_class=32,
-                        iterations=50, outer_optimizer="adam", outer_lr=0.03, inner_lr=0.01, inner_momentum=0.9)
+                        iterations=100, outer_optimizer="adam", outer_lr=0.03, inner_lr=0.01, inner_momentum=0.9)
 """The :class:`~addrmem.config.DistillConfig` fields a task's distillation
 uses unless ``ContinualConfig.distill`` overrides them (the other fields keep
 DistillConfig's defaults; seed and device come from the continual config)."""
@@ -115,7 +115,7 @@ class ContinualConfig:
     network: str = ""
     hidden: int = 100
     protocol: str = "replay"
-    epochs: int = 1
+    epochs: int = 5
     batch: int = 10
     replay_batch: int = 10
     lr: float = 0.03

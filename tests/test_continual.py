@@ -11,16 +11,18 @@ gunzips them into torchvision's layout, DIR/MNIST/raw/, which is also what
 otherwise; nothing is downloaded.
 """
 
+import dataclasses
 import gzip
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from torchvision.transforms.v2.functional import InterpolationMode, rotate
 
 from addrmem.cli import main
-from addrmem.continual import (BENCHMARKS, METHODS, ContinualConfig, Stream, make_stream, metrics,
+from addrmem.continual import (BENCHMARKS, METHODS, ContinualConfig, Stream, _Distilled, make_stream, metrics,
                                run_continual)
 from addrmem.data import Dataset
 
@@ -30,16 +32,37 @@ SHARED_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "da
 TINY = dict(tasks=2, distill=dict(iterations=2, steps=2, n_per_c=2, real_per_class=8), epochs=1, batch=16)
 
 
-def fake_mnist(n_train=300, n_test=50):
-    """A Dataset shaped like MNIST (1x28x28, 10 classes) of random images."""
+def fake_mnist(n_train=300, n_test=50, shape=(1, 28, 28)):
+    """A Dataset shaped like MNIST (``shape``, 10 classes) of random images."""
     g = torch.Generator().manual_seed(0)
 
     def split(n):
-        return torch.randn(n, 1, 28, 28, generator=g), torch.arange(n) % 10
+        return torch.randn(n, *shape, generator=g), torch.arange(n) % 10
 
+    c = shape[0]
     return Dataset(name="mnist", train=split(n_train), val=split(10), test=split(n_test), num_classes=10,
-                   image_shape=(1, 28, 28), mean=torch.tensor([0.1307]), std=torch.tensor([0.3081]),
+                   image_shape=shape, mean=torch.full((c,), 0.1307), std=torch.full((c,), 0.3081),
                    classes=[str(c) for c in range(10)])
+
+
+CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("continual-*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_configs_load_fit_their_budget_and_say_their_rows(path):
+    config = ContinualConfig.from_yaml(path)
+    assert path.stem == f"continual-{config.benchmark}"
+    shape = (1, 8, 8) if config.benchmark == "split-digits" else (3, 32, 32) if "cifar" in path.stem else (1, 28, 28)
+    stream = make_stream(config, fake_mnist(shape=shape))
+    memory = _Distilled("addressable", config, stream)
+    memory.check_budget()
+    _Distilled("image", config, stream).check_budget()
+    comment = " ".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    assert f"{memory.per_class(len(stream.classes(0))):,} rows per class" in comment
+    if config.benchmark == "split-digits":  # the command's defaults
+        default = ContinualConfig()
+        assert default.distill_config() == config.distill_config()
+        assert dataclasses.replace(default, distill=config.distill, budget_images=200) == config
 
 
 def test_rotations_follow_their_definition_and_seed():
