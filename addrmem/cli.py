@@ -25,8 +25,9 @@ from .continual import ContinualConfig, make_stream, run_continual
 from .data import DATASETS, load_dataset
 from .evaluation import evaluate
 from .experiment import run_experiment
-from .memory import load_memory
+from .memory import AddressableMemory, load_memory
 from .networks import NETWORKS
+from .query import BUILTIN_MAPS, format_query, load_map, run_query
 from .runs import BASELINE_DIR, save_grids
 
 __all__ = ["main"]
@@ -126,6 +127,21 @@ def _parser() -> argparse.ArgumentParser:
     cl.add_argument("--device", default=None, metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default: cpu)")
     cl.add_argument("--download", action="store_true",
                     help="let torchvision download the dataset into --data-root if it is not there")
+
+    qu = commands.add_parser(
+        "query", help="train classifiers for a new label space on images recalled from a run's memory",
+        description="Map RUN's classes to new classes (a built-in map or a YAML/JSON file {new class: [old "
+                    "classes]}), build training sets for the new labels from RUN's memories (one-hot recall, "
+                    "aggregated and soft queries) and from real data at the same storage, distill a memory on "
+                    "the new labels, and print the test accuracy (mean ± std over fresh networks) of each on "
+                    "the relabelled test set. Writes query.json, query.png and distilled/ to --out. See "
+                    "docs/query.md.")
+    qu.add_argument("run", metavar="RUN", help="run folder written by addrmem distill")
+    qu.add_argument("--map", required=True, metavar="NAME|FILE",
+                    help=f"built-in map ({', '.join(BUILTIN_MAPS)}) or a YAML or JSON map file")
+    qu.add_argument("--nets", type=int, default=None,
+                    help="networks to train per training set (default: the run's eval_nets)")
+    qu.add_argument("--out", metavar="DIR", default=None, help="new output folder (default: RUN/query-MAP)")
     return parser
 
 
@@ -134,7 +150,7 @@ def main(argv=None) -> int:
     ``sys.argv[1:]``. Returns 0; exits with a one-line message and status 1
     on bad input (SystemExit), 130 when interrupted."""
     args = _parser().parse_args(argv)
-    command = {"distill": _distill, "show": _show, "eval": _eval, "continual": _continual}[args.command]
+    command = {"distill": _distill, "show": _show, "eval": _eval, "continual": _continual, "query": _query}[args.command]
     try:
         command(args)
     except KeyboardInterrupt:
@@ -274,6 +290,26 @@ def _eval(args):
     print(f"test accuracy of {args.run}/memory.pt ({type(memory).__name__}, {len(labels)} images) on "
           f"{dataset.name}: {acc} % ({nets} {args.network or config.network} networks x "
           f"{config.eval_epochs} epochs)")
+
+
+def _query(args):
+    config = _run_config(args.run)
+    device = _use_device(config)
+    _set_threads(config)
+    memories = {}
+    for path in _memory_files(args.run):
+        memory = load_memory(path, map_location=device)
+        memories["addressable" if isinstance(memory, AddressableMemory) else "image"] = memory
+    first = next(iter(memories.values()))
+    if "classes" not in first.extra:
+        raise ValueError(f"{args.run!r}/memory.pt was saved without its class names: distill it again")
+    label_map = load_map(args.map, first.extra["classes"], config.dataset)
+    out = args.out or os.path.join(args.run, f"query-{os.path.splitext(os.path.basename(args.map))[0]}")
+    args.out = out  # where _os_error says the files are
+    dataset = load_dataset(config.dataset, config.data_root, zca=config.zca)
+    results = run_query(config, dataset, memories, label_map, out, nets=args.nets)
+    print(format_query(results))
+    print(f"written to: {out}")
 
 
 def _continual(args):
