@@ -57,6 +57,9 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, confi
              progress: bool = True, desc: str = "evaluate") -> Accuracy:
     """Train ``n_nets`` fresh networks on (images (N, C, H, W), labels (N,)
     int64) and measure them on ``dataset``'s ``split`` ("val" or "test").
+    Labels may also be soft: (N, num_classes) class probabilities in
+    ``config.dtype``, trained with the soft-label cross-entropy (as
+    :mod:`addrmem.query` does).
 
     Each network (``network``, default ``config.network``) starts from its own
     seeded init (network j of seed s is the same for every call, so methods
