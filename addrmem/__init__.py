@@ -5,8 +5,8 @@ A few shared bases plus learned addressing coefficients (Deng & Russakovsky,
 
 The modules that need torch alone (ops, memory, hypergradient, augment,
 networks) load with the package; those that also need numpy, PyYAML, tqdm or
-torchvision (data, config, evaluation, distill, runs, experiment, continual) load when
-one of their names is first used.
+torchvision (data, config, evaluation, distill, runs, experiment, continual,
+query) load when one of their names is first used.
 """
 
 import importlib
@@ -25,6 +25,7 @@ _LAZY = {  # name -> the module that defines it, imported on first use
     "evaluate": "evaluation",
     "run_experiment": "experiment",
     "ContinualConfig": "continual", "make_stream": "continual", "run_continual": "continual",
+    "LabelMap": "query", "load_map": "query", "run_query": "query",
 }
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "Dataset",
     "DistillConfig",
     "ImageMemory",
+    "LabelMap",
     "MLP",
     "NETWORKS",
     "ResNet18",
@@ -47,11 +49,13 @@ __all__ = [
     "evaluate",
     "hypergradient",
     "load_dataset",
+    "load_map",
     "load_memory",
     "make_network",
     "make_stream",
     "run_continual",
     "run_experiment",
+    "run_query",
     "synthesize",
     "synthesize_reference",
 ]
