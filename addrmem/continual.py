@@ -96,7 +96,9 @@ class ContinualConfig:
     task, a fresh network trained ``epochs`` epochs on the memory alone,
     GDumb-style).
     Addressable memory: ``bases`` ("task": K bases per task; "shared": one set
-    learnt on the first task, then frozen). Distillation: ``distill``, a
+    learnt on the first task, then frozen). ``init``: where a task's memory
+    starts ("real": from the task's real images, see ``_Distilled.init_from``;
+    "xavier": docs/method.md, "The memory"). Distillation: ``distill``, a
     mapping of :class:`~addrmem.config.DistillConfig` fields over
     :data:`DISTILL_DEFAULTS` (``n_bases``, ``downsample``, ``steps``,
     ``iterations``, ...).
@@ -120,6 +122,7 @@ class ContinualConfig:
     replay_batch: int = 10
     lr: float = 0.03
     bases: str = "task"
+    init: str = "real"
     distill: dict = dataclasses.field(default_factory=dict)
     seed: int = 0
     device: str = "cpu"
@@ -144,7 +147,8 @@ class ContinualConfig:
                 raise TypeError(f"continual config field {field.name} must be {field.type}; got {value!r}")
         if self.benchmark not in BENCHMARKS:
             raise ValueError(f"unknown benchmark {self.benchmark!r}; known: {', '.join(BENCHMARKS)}")
-        for name, allowed in (("protocol", ("replay", "retrain")), ("bases", ("task", "shared"))):
+        for name, allowed in (("protocol", ("replay", "retrain")), ("bases", ("task", "shared")),
+                              ("init", ("real", "xavier"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"continual config field {name} must be one of {', '.join(allowed)}; "
                                  f"got {getattr(self, name)!r}")
@@ -530,11 +534,13 @@ class _Distilled(_Method):
     def remember(self, t, images, labels):
         classes = self.stream.classes(t)
         memory = self.build(t, len(classes))
+        local = torch.searchsorted(torch.tensor(classes), labels)
         learnt = memory
         if self.shared and self.shared_bases is not None:
             memory.bases.data.copy_(self.shared_bases)
             learnt = torch.nn.ParameterList([memory.addresses])  # the bases stay frozen
-        local = torch.searchsorted(torch.tensor(classes), labels)
+        if self.config.init == "real":
+            self.init_from(memory, t, images, local, bases=learnt is memory)
         device, dtype = self.distill.device_dtype()
         real = RealPool(images, local, len(classes), device, dtype)
         optimizer = make_outer_optimizer(learnt, self.distill)
@@ -548,6 +554,30 @@ class _Distilled(_Method):
         while len(self.memories) > 1 and self.num_floats() > self.budget:
             self.memories.pop(0)
         self.cache = None
+
+    @torch.no_grad()
+    def init_from(self, memory, t: int, images: torch.Tensor, local: torch.Tensor, bases: bool = True) -> None:
+        """Start ``memory`` from task ``t``'s real images (N, C, H, W) with
+        local labels (N,): each row of class c from a random image of class c
+        (drawn with replacement); an ImageMemory stores that image, an
+        AddressableMemory its coordinates over its bases, which are first set
+        (if ``bases``) to the top K right singular vectors of the task's
+        images pooled to the bases' resolution (an uncentred PCA)."""
+        draws = generator(self.config.seed, self.name, "init-rows", t)
+        picks = torch.cat([(local == c).nonzero().squeeze(1)[
+            torch.randint(int((local == c).sum()), (memory.per_class,), generator=draws)]
+            for c in range(memory.num_classes)])
+        param = next(memory.parameters())
+        if isinstance(memory, ImageMemory):
+            memory.images.copy_(images[picks].to(param))
+            return
+        low = F.avg_pool2d(images, memory.downsample).flatten(1).to(param)  # (N, d_low)
+        if bases:
+            k = memory.n_bases
+            basis = torch.linalg.svd(low, full_matrices=False).Vh[:k]  # (<= K, d_low), orthonormal rows
+            memory.bases.zero_()
+            memory.bases.view(k, -1)[:len(basis)] = basis
+        memory.addresses.copy_(low[picks] @ memory.bases.view(memory.n_bases, -1).T)
 
     def recalled(self):
         if not self.memories:
