@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+import addrmem
 from addrmem.cli import main
 from addrmem.memory import load_memory
 from tiny_run import TINY
@@ -158,7 +159,10 @@ def no_gpu(monkeypatch):
 
 
 def test_python_m_addrmem_help():
-    done = subprocess.run([sys.executable, "-m", "addrmem", "--help"], capture_output=True, text=True, timeout=120)
+    # Run beside the addrmem this process imported (the installed one in CI, not the source tree).
+    beside = os.path.dirname(os.path.dirname(addrmem.__file__))
+    done = subprocess.run([sys.executable, "-m", "addrmem", "--help"], capture_output=True, text=True, timeout=120,
+                          cwd=beside)
     assert done.returncode == 0 and "distill" in done.stdout and "usage: addrmem" in done.stdout
 
 

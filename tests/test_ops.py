@@ -2,6 +2,7 @@
 (when there is one) on the GPU: values, both gradients, double backward,
 opcheck, torch.compile, and every kind of bad input."""
 
+import os
 import subprocess
 import sys
 
@@ -331,7 +332,8 @@ def test_out_of_range_index_trips_device_assert_cuda():
     # A device-side assert poisons the CUDA context: run it in its own process.
     code = ("import torch, addrmem; A = torch.randn(5, 3, device='cuda'); B = torch.randn(3, 2, 4, 4, device='cuda'); "
             "addrmem.synthesize(A, B, torch.tensor([0, 5], device='cuda'), 2); torch.cuda.synchronize()")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(addrmem.__file__)))
     assert result.returncode != 0 and "device-side assert" in result.stderr
 
 

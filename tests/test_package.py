@@ -1,6 +1,7 @@
 """The addrmem package: ``import addrmem.ops`` (and the torch-only modules)
 needs torch alone; the rest of the public API loads on first use."""
 
+import os
 import subprocess
 import sys
 
@@ -16,7 +17,10 @@ def test_the_op_and_the_memories_need_torch_alone():
             "    addrmem.DistillConfig\n"
             "except ImportError:\n"
             "    print('lazy')\n")
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120)
+    # Run beside the addrmem this process imported (the installed one in CI, not the source tree).
+    beside = os.path.dirname(os.path.dirname(addrmem.__file__))
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=beside)
     assert done.returncode == 0 and done.stdout.strip() == "lazy", done.stderr
 
 
