@@ -1,26 +1,28 @@
-// addrmem::synthesize: the op's schema and its CPU kernels.
+// addrmem::synthesize: the op's schema, its CPU kernels and its autograd.
 //
 //   out[n] = upsample_s( sum_k addresses[index[n], k] * bases[k] )
 //
 // with upsample_s = F.interpolate(scale_factor=s, mode="bilinear",
 // align_corners=False). The CUDA kernels for the same schema are in
-// synthesize_cuda.cu; the Python side (fake kernels, autograd) is addrmem/ops.py.
+// synthesize_cuda.cu; the fake (meta) kernels and the Python wrapper are in
+// addrmem/ops.py.
 //
-// The CPU kernels work on fixed blocks of rows (the blocking depends on the
-// shape alone, never on the thread count):
-//   forward:  low = A_rows @ B (one GEMM through ATen's BLAS into a block
-//             buffer that stays in cache), then the upsampling, separable:
-//             each low-resolution row is widened once, then every output row
-//             is a two-term blend of two widened rows;
-//   backward: the adjoint of the upsampling (output rows folded into
-//             low-resolution rows, then narrowed) into a block buffer G_low,
-//             then grad_rows = G_low @ B^T and grad_B += A_rows^T @ G_low
-//             (two GEMMs). grad_B is summed over a fixed number of row chunks,
-//             in chunk order, so the result is bit-identical whatever the
-//             number of threads.
-// All loops are unit-stride over image columns, with the per-column taps and
-// weights computed once per call, so the compiler vectorises them. float16 and
-// bfloat16 are converted to float on the way in and accumulate in float.
+// The CPU kernels work on blocks of rows fixed by the shape alone (never by
+// the thread count):
+//   forward:  low = A_rows @ B (a small GEMM) into a block buffer that stays
+//             in cache, then the separable upsampling: every low-resolution
+//             line is widened once, then every output row blends two widened
+//             rows;
+//   backward: the adjoint of those two steps folds the output gradient into
+//             a block buffer G_low, then grad_rows = G_low @ B^T and this
+//             block's share of grad_B = A_rows^T @ G_low (two small GEMMs);
+//             grad_B is summed over at most 8 fixed chunks of blocks, in
+//             chunk order.
+// Every sum runs in an order fixed by the shapes, so results are bit-identical
+// whatever the number of threads. The loops are unit-stride, with the taps and
+// weights of each axis computed once per call, so the compiler vectorises
+// them; float16 and bfloat16 are converted to float on the way in and
+// accumulate in float.
 #include <Python.h>
 
 #include <ATen/Dispatch.h>
@@ -232,10 +234,10 @@ inline int64_t block_rows(const Geometry& g, bool large) {
   return std::clamp<int64_t>(65536 / g.D, 8, 256);
 }
 
-// The three small GEMMs of the op, with K (the number of bases) small. Each
-// output element is summed in one fixed order whatever the blocking and the
-// thread count (register tiles of 4 rows; columns in chunks the compiler
-// vectorises), so results are deterministic.
+// The op's small GEMMs (one of the two inner sizes is K, the number of bases),
+// written here rather than taken from the BLAS, whose results can change with
+// the thread count. Each output element is summed in one fixed order, in
+// register tiles whose columns the compiler vectorises.
 constexpr int64_t kTileRows = 4, kTileCols = 64;
 
 // Columns [d0, d0 + COLS) of rows a[0..ROWS) of gemm_rows_bases, with the
@@ -393,17 +395,18 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
   const at::Tensor Bacc = bases_in_acc(bases, g);
   const auto acc_type = Bacc.scalar_type();
   const at::Tensor Bt = Bacc.t().contiguous();  // (D, K)
-  at::Tensor grad_addresses = want_a ? at::zeros({g.R, g.K}, A.options()) : A.new_empty({0});
+  at::Tensor grad_addresses = A.new_empty({0});
   at::Tensor grad_bases = want_b ? at::empty({g.K, g.C, g.h, g.w}, A.options()) : A.new_empty({0});
   if (g.N == 0) {
     if (want_b) grad_bases.zero_();
-    return {grad_addresses, grad_bases};
+    return {want_a ? at::zeros({g.R, g.K}, A.options()) : grad_addresses, grad_bases};
   }
   // At scale 1 in float/double the output gradient is G_low itself.
   const bool direct = g.s == 1 && acc_type == A.scalar_type();
   const int64_t nb_max = block_rows(g, false), blocks = (g.N + nb_max - 1) / nb_max;
   // Blocks are taken in up to 8 chunks of consecutive blocks (fewer if their
-  // grad_B partial sums would pass 64 MB); grad_B is summed over chunks in order.
+  // grad_B partial sums would pass 2^24 values); grad_B is summed over chunks
+  // in order.
   const int64_t chunks = std::min<int64_t>({blocks, 8, want_b ? std::max<int64_t>(1, (1 << 24) / (g.K * g.D)) : 8});
   at::Tensor grad_rows = want_a ? at::empty({g.N, g.K}, A.options().dtype(acc_type)) : at::Tensor();
   at::Tensor partial = want_b ? at::empty({chunks, g.K, g.D}, A.options().dtype(acc_type)) : at::Tensor();
@@ -458,7 +461,6 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
     }
     if (want_a) {
       // Each row's gradient into its address row, in row order (repeats add up).
-      const acc_t* gr = grad_rows.const_data_ptr<acc_t>();
       if (!ix && same) {
         grad_addresses = grad_rows;
       } else {
@@ -467,6 +469,7 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
           acc_t* dst = ga.data() + (ix ? ix[n] : n) * g.K;
           for (int64_t k = 0; k < g.K; ++k) dst[k] += gr[n * g.K + k];
         }
+        grad_addresses = at::empty({g.R, g.K}, A.options());
         scalar_t* gap = grad_addresses.mutable_data_ptr<scalar_t>();
         for (int64_t e = 0; e < g.R * g.K; ++e) gap[e] = static_cast<scalar_t>(ga[e]);
       }
