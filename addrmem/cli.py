@@ -139,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     qu.add_argument("run", metavar="RUN", help="run folder written by addrmem distill")
     qu.add_argument("--map", required=True, metavar="NAME|FILE",
                     help=f"built-in map ({', '.join(BUILTIN_MAPS)}) or a YAML or JSON map file")
-    qu.add_argument("--nets", type=int, default=None,
+    qu.add_argument("--nets", type=int, default=None, metavar="N",
                     help="networks to train per training set (default: the run's eval_nets)")
     qu.add_argument("--out", metavar="DIR", default=None, help="new output folder (default: RUN/query-MAP)")
     return parser
