@@ -48,7 +48,8 @@ from .memory import AddressableMemory, ImageMemory
 from .networks import MLP, NETWORKS, make_network
 from .runs import create_run_folder, load_checkpoint, save_checkpoint
 
-__all__ = ["BENCHMARKS", "METHODS", "ContinualConfig", "Stream", "make_stream", "metrics", "run_continual"]
+__all__ = ["BENCHMARKS", "DISTILL_DEFAULTS", "METHODS", "ContinualConfig", "Stream", "make_stream", "metrics", "plot",
+           "run_continual"]
 
 METHODS = ("finetune", "replay", "image", "addressable", "joint")
 """The methods, in the order they are run and reported."""
