@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     ``sys.argv[1:]``. Returns 0; exits with a one-line message and status 1
     on bad input (SystemExit), 130 when interrupted."""
     args = _parser().parse_args(argv)
-    command = {"distill": _distill, "show": _show, "eval": _eval, "continual": _continual, "query": _query}[args.command]
+    command = {"distill": _distill, "show": _show, "eval": _eval, "continual": _continual,
+               "query": _query}[args.command]
     try:
         command(args)
     except KeyboardInterrupt:
@@ -305,7 +306,6 @@ def _query(args):
         raise ValueError(f"{args.run!r}/memory.pt was saved without its class names: distill it again")
     label_map = load_map(args.map, first.extra["classes"], config.dataset)
     out = args.out or os.path.join(args.run, f"query-{os.path.splitext(os.path.basename(args.map))[0]}")
-    args.out = out  # where _os_error says the files are
     dataset = load_dataset(config.dataset, config.data_root, zca=config.zca)
     results = run_query(config, dataset, memories, label_map, out, nets=args.nets)
     print(format_query(results))
