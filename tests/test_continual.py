@@ -150,11 +150,11 @@ def test_metrics_of_a_hand_made_matrix():
 class RecordingStream(Stream):
     """A stream that records which task's data is read, and refuses a later task's."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, first=0):
         super().__init__(stream.name, stream.images, stream.plans, stream.num_classes, stream.image_shape,
                          stream.background)
         self.reads = []
-        self.learnt = -1  # the latest task whose training data has been read
+        self.learnt = first - 1  # the latest task whose training data has been read (or learnt before)
 
     def train(self, t):
         assert t <= self.learnt + 1, f"task {t}'s training data read while learning task {self.learnt}"
@@ -168,7 +168,7 @@ class RecordingStream(Stream):
         return super().test(t)
 
     def classes(self, t):
-        assert t <= self.learnt or self.learnt == -1, f"task {t}'s classes read while learning {self.learnt}"
+        assert t <= self.learnt or not self.reads, f"task {t}'s classes read while learning {self.learnt}"
         return super().classes(t)
 
 
@@ -213,7 +213,9 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_continual(config, str(tmp_path / "cut"), stream=cut, progress=False)
     assert not os.path.exists(tmp_path / "cut" / "results.json")
-    resumed = run_continual(config, str(tmp_path / "cut"), resume=True, progress=False)
+    stream = RecordingStream(make_stream(config), first=1)
+    resumed = run_continual(config, str(tmp_path / "cut"), resume=True, stream=stream, progress=False)
+    assert [t for kind, t in stream.reads if kind == "train"] == [1]  # task 0 came from the checkpoint
     for name in config.methods:
         for key in ("R", "ra", "bti", "la", "num_floats"):
             assert resumed["methods"][name][key] == whole["methods"][name][key], (name, key)
