@@ -755,10 +755,14 @@ def plot(results: dict, folder: str) -> list:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     paths = []
 
     def save(fig, name):
+        for axes in fig.axes[:1]:  # whole task numbers
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axes.yaxis.set_major_locator(MaxNLocator(integer=True))
         path = os.path.join(folder, name)
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
         plt.close(fig)
