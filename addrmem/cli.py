@@ -48,6 +48,8 @@ _DISTILL_FLAGS = [
     ("--n-bases", "n_bases", int, "K", "number of shared bases"),
     ("--downsample", "downsample", int, "DS", "bases are stored at 1/DS of the image resolution"),
     ("--steps", "steps", int, "T", "unrolled inner SGD steps per outer iteration"),
+    ("--snapshot-every", "snapshot_every", int, "K", "keep every K-th inner step's weights and recompute the "
+     "others in the reverse pass (less memory for long unrolls, more time; the same result)"),
     ("--iterations", "iterations", int, "N", "outer iterations"),
     ("--inner-lr", "inner_lr", float, "LR", "learning rate of the unrolled inner SGD"),
     ("--outer-lr", "outer_lr", float, "LR", "learning rate of the memory's optimizer"),

@@ -49,7 +49,9 @@ class DistillConfig:
     class per step; capped at the rows the memory has), ``task_classes``
     (classes per outer iteration; 0 = all), ``real_per_class`` (real images
     per class in the outer loss), ``augment`` ("none" or "flip_rotate",
-    docs/method.md "Augmentation").
+    docs/method.md "Augmentation"), ``snapshot_every`` (k: the hypergradient
+    keeps every k-th inner step's weights and recomputes the others, for
+    long unrolls that do not fit in memory; the same result, bit for bit).
     Outer loop: ``iterations``, ``outer_optimizer`` ("sgd" or "adam"),
     ``outer_lr``, ``outer_momentum`` (SGD only), ``clip`` (global grad-norm
     clip over all memory parameters), ``coeff_reg`` ("none", "l1" or "l2")
@@ -87,6 +89,7 @@ class DistillConfig:
     task_classes: int = 0
     real_per_class: int = 64
     augment: str = "none"
+    snapshot_every: int = 1
     iterations: int = 1000
     outer_optimizer: str = "sgd"
     outer_lr: float = 0.1
@@ -136,7 +139,8 @@ class DistillConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config field {name} must be one of {', '.join(allowed)}; "
                                  f"got {getattr(self, name)!r}")
-        for name in ("ipc", "n_bases", "downsample", "steps", "n_per_c", "real_per_class", "iterations",
+        for name in ("ipc", "n_bases", "downsample", "steps", "snapshot_every", "n_per_c", "real_per_class",
+                     "iterations",
                      "eval_every", "val_nets", "eval_nets", "eval_epochs", "eval_batch", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config field {name} must be >= 1; got {getattr(self, name)}")

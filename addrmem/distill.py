@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -124,7 +125,7 @@ def outer_step(memory, optimizer: torch.optim.Optimizer, config: DistillConfig, 
     unchanged.
     """
     phase = phase or contextlib.nullcontext  # nullcontext(name) enters to name and does nothing
-    gradient = gradient or hypergradient
+    gradient = gradient or functools.partial(hypergradient, snapshot_every=config.snapshot_every)
     first = next(memory.parameters())
     num_classes = memory.num_classes
     with phase("network"):

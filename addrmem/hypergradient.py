@@ -9,7 +9,9 @@ recomputes each step's loss at its stored weights (one double backward per
 step, through the memory's synthesis) instead of keeping T step graphs.
 
 Memory: T+1 flat weight snapshots on the weights' device (T * |w| floats),
-plus one step's graph at a time.
+plus one step's graph at a time; with ``snapshot_every=k``, the weights and
+momentum of every k-th step and one segment of k recomputed weights (about
+(2T/k + k) * |w| floats), for up to T extra inner steps of compute.
 
 Profiling: the forward loop and the reverse loop run inside
 ``torch.profiler.record_function`` ranges named ``addrmem.inner_forward`` and
@@ -60,7 +62,8 @@ class _FlatNet:
         return F.cross_entropy(functional_call(self.net, weights, (images,)), labels)
 
 
-def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentum, augment=None):
+def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentum, augment=None,
+                  snapshot_every=1):
     """Outer loss and its exact gradient w.r.t. the memory's parameters.
 
     Args:
@@ -79,6 +82,11 @@ def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentu
         augment: optional differentiable callable (N, C, H, W) -> same,
             applied identically to every synthetic batch and the real batch
             (e.g. ``SiameseAugment.draw(generator)``).
+        snapshot_every: k >= 1. The forward keeps the weights (and momentum)
+            of every k-th inner step only, and the reverse recomputes the
+            steps in between, one segment of k at a time: about T/k + k weight
+            vectors in memory instead of T + 1, for up to T more inner steps
+            of compute. The result is the same, bit for bit.
 
     Returns:
         (loss, grads): the outer loss (0-dim tensor, detached) and a dict from
@@ -92,6 +100,8 @@ def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentu
         raise ValueError(f"lr must be a finite number > 0; got {lr!r}")
     if not (_is_finite(momentum) and momentum >= 0):
         raise ValueError(f"momentum must be a finite number >= 0; got {momentum!r}")
+    if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
+        raise ValueError(f"snapshot_every must be an int >= 1; got {snapshot_every!r}")
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty: the inner loop needs at least one step")
@@ -112,37 +122,52 @@ def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentu
         images, labels = memory(index)
         return flatnet.loss(flat, augment(images), labels)
 
-    # Forward: snapshots w_0..w_T; the memory is not differentiated here.
-    with record_function("addrmem.inner_forward"):
-        snapshots = [w]
-        v = torch.zeros_like(w)
-        for index in batches:
-            flat = w.detach().requires_grad_()
-            with torch.no_grad():
-                images, labels = memory(index)
-                images = augment(images)
-            (g,) = torch.autograd.grad(flatnet.loss(flat, images, labels), flat)
-            v.mul_(momentum).add_(g)
-            w = w.add(v, alpha=-lr)
-            snapshots.append(w)
+    def advance(w, v, index):
+        """One inner SGD-momentum step from (w_t, v_t); the memory is not
+        differentiated here. Returns (w_{t+1}, v_{t+1})."""
+        flat = w.detach().requires_grad_()
+        with torch.no_grad():
+            images, labels = memory(index)
+            images = augment(images)
+        (g,) = torch.autograd.grad(flatnet.loss(flat, images, labels), flat)
+        v = v.mul(momentum).add_(g)
+        return w.add(v, alpha=-lr), v
 
-    flat = snapshots.pop().requires_grad_()
+    # Forward: w_T, keeping (w_t, v_t) at every k-th step t (v only if k > 1).
+    k = snapshot_every
+    with record_function("addrmem.inner_forward"):
+        kept = {}
+        v = torch.zeros_like(w)
+        for t, index in enumerate(batches):
+            if t % k == 0:
+                kept[t] = (w, v.clone() if k > 1 else None)
+            w, v = advance(w, v, index)
+
+    flat = w.requires_grad_()
     loss = flatnet.loss(flat, augment(real_images), real_labels)
     (dw,) = torch.autograd.grad(loss, flat)
 
-    # Reverse: dv = dL/dv_{t+1}, dw = dL/dw_{t+1}.
+    # Reverse: dv = dL/dv_{t+1}, dw = dL/dw_{t+1}; segment by segment from the
+    # last, each segment's weights recomputed from its kept step.
     with record_function("addrmem.reverse"):
         grads = [torch.zeros_like(p) for p in mem_params]
         dv = torch.zeros_like(dw)
-        for index in reversed(batches):
-            dv.sub_(dw, alpha=lr)
-            flat = snapshots.pop().requires_grad_()
-            (g,) = torch.autograd.grad(step_loss(flat, index), flat, create_graph=True)
-            h_w, *h_mem = torch.autograd.grad(g, (flat, *mem_params), grad_outputs=dv)
-            dw.add_(h_w)
-            for total, h in zip(grads, h_mem):
-                total.add_(h)
-            dv.mul_(momentum)
+        for start in reversed(range(0, len(batches), k)):
+            stop = min(start + k, len(batches))
+            w, v = kept.pop(start)
+            weights = [w]
+            for t in range(start, stop - 1):
+                w, v = advance(w, v, batches[t])
+                weights.append(w)
+            for t in reversed(range(start, stop)):
+                dv.sub_(dw, alpha=lr)
+                flat = weights.pop().requires_grad_()
+                (g,) = torch.autograd.grad(step_loss(flat, batches[t]), flat, create_graph=True)
+                h_w, *h_mem = torch.autograd.grad(g, (flat, *mem_params), grad_outputs=dv)
+                dw.add_(h_w)
+                for total, h in zip(grads, h_mem):
+                    total.add_(h)
+                dv.mul_(momentum)
     return loss.detach(), dict(zip(mem_names, grads))
 
 

@@ -69,6 +69,7 @@ Usage (from the repository root)::
     python benchmarks/outer_step.py                         # GPU if there is one
     python benchmarks/outer_step.py --quick --device cpu
     OMP_NUM_THREADS=1 python benchmarks/outer_step.py --mnist --device cpu --iterations 3
+    python benchmarks/outer_step.py --mnist --snapshot-every 10   # recompute 9 of every 10 steps
     python benchmarks/outer_step.py --steps 10 --iterations 1 --json out.json
     python benchmarks/outer_step.py --net resnet18 --augment --dtype bfloat16
 """
@@ -122,6 +123,7 @@ class Setting:
     real_per_class: int
     pool_per_class: int
     augment: bool
+    snapshot_every: int = 1  # the hypergradient keeps every k-th inner step's weights
 
 
 DEFAULT = Setting("cifar10-ipc1", (3, 32, 32), 10, 1, 16, 2, "convnet", 150, 32, 64, 4500, False)
@@ -142,7 +144,8 @@ class Job:
         self.setting, self.device, self.dtype, self.seed = setting, device, dtype, seed
         self.config = dataclasses.replace(OFFICIAL, network=setting.net, steps=setting.steps,
                                           n_per_c=setting.n_per_c, real_per_class=setting.real_per_class,
-                                          augment="flip_rotate" if setting.augment else "none")
+                                          augment="flip_rotate" if setting.augment else "none",
+                                          snapshot_every=setting.snapshot_every)
         g = torch.Generator().manual_seed(seed)
         memory = AddressableMemory.from_budget(setting.ipc, setting.num_classes, setting.image_shape,
                                                setting.n_bases, setting.downsample, generator=g)
@@ -343,12 +346,14 @@ def parse_args(argv):
                    help="memory rows per class per inner step (default: 32, 4 with --quick)")
     p.add_argument("--net", choices=sorted(NETWORKS), help="network (default: convnet)")
     p.add_argument("--augment", action="store_true", help="flip/rotate augmentation (docs/method.md)")
+    p.add_argument("--snapshot-every", type=int, metavar="K",
+                   help="keep every K-th inner step's weights, recompute the others (default: 1, keep all)")
     p.add_argument("--iterations", type=int, metavar="N",
                    help="timed outer iterations per pass, after one warm-up (default: 5, 3 with --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
-    for name in ("steps", "n_per_c", "iterations"):
+    for name in ("steps", "n_per_c", "iterations", "snapshot_every"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -364,7 +369,8 @@ def main(argv=None) -> int:
     device = args.device
     cuda = device.type == "cuda"
     base = QUICK if args.quick else MNIST if args.mnist else DEFAULT
-    overrides = {"steps": args.steps, "n_per_c": args.n_per_c, "net": args.net}
+    overrides = {"steps": args.steps, "n_per_c": args.n_per_c, "net": args.net,
+                 "snapshot_every": args.snapshot_every}
     setting = dataclasses.replace(base, augment=args.augment,
                                   **{k: v for k, v in overrides.items() if v is not None})
     iterations = args.iterations or (3 if args.quick else 5)
@@ -404,6 +410,10 @@ def main(argv=None) -> int:
           f"{prof['iteration']:.4f} ({prof['iteration'] / wall['iteration']:.2f}x the wall time)")
     print(f"peak memory: {fmt_bytes(peak)}" + (f" allocated ({fmt_bytes(resident)} before the iterations)"
                                                if cuda else " (not measured on the CPU)"))
+    k, steps = setting.snapshot_every, setting.steps
+    kept = steps + 1 if k == 1 else 2 * -(-steps // k) + k  # weights (and, for k > 1, momenta) held at once
+    print(f"the hypergradient holds at most {kept} weight vectors of {net_params:,} values at once "
+          f"(snapshot_every={k}, T={steps}; by construction, not measured)")
     share = 100 * prof["op"] / prof["iteration"]
     print(f"the fused op (addrmem::synthesize and its backward, outermost calls): {fmt_time(prof['op'])} of the "
           f"profiled iteration, {share:.1f}%" + (" (CPU launch spans)" if cuda else ""))
@@ -417,6 +427,7 @@ def main(argv=None) -> int:
             "wall": {"median": wall, "runs": wall_runs},
             "profiled": {"median": prof, "runs": profiled_runs, "gpu_ranges": gpu_found},
             "peak_memory_bytes": peak,
+            "weight_vectors_held": kept,
             "resident_memory_bytes": resident,
         }
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -179,3 +179,31 @@ def test_cuda_matches_cpu(memory_kind):
     torch.testing.assert_close(loss_c.cpu(), loss, rtol=1e-10, atol=0)
     for name, g in grads.items():
         torch.testing.assert_close(grads_c[name].cpu(), g, rtol=1e-8, atol=1e-8 * float(g.abs().max()))
+
+
+@pytest.mark.parametrize("k", [2, 3, 7, 50])
+def test_snapshot_every_k_gives_the_same_result_bit_for_bit(k):
+    # Keeping every k-th step's weights and recomputing the rest changes the
+    # memory needed, not one bit of the result (T=7: segments of 2, 3, 7, and
+    # k beyond T).
+    g = torch.Generator().manual_seed(5)
+    memory = AddressableMemory(3, (1, 6, 6), n_bases=4, per_class=5, downsample=2, generator=g)
+    net = MLP((1, 6, 6), 3, hidden=8, depth=1)
+    batches = [memory.sample_index(range(3), 2, g) for _ in range(7)]
+    real = torch.randn(9, 1, 6, 6, generator=g)
+    labels = torch.arange(3).repeat(3)
+    augment = SiameseAugment.draw(torch.Generator().manual_seed(1))
+    want = hypergradient(memory, net, batches, real, labels, lr=0.1, momentum=0.9, augment=augment)
+    got = hypergradient(memory, net, batches, real, labels, lr=0.1, momentum=0.9, augment=augment, snapshot_every=k)
+    assert torch.equal(got[0], want[0])
+    for name in want[1]:
+        assert torch.equal(got[1][name], want[1][name]), name
+
+
+@pytest.mark.parametrize("k", [0, 1.5, True])
+def test_snapshot_every_must_be_a_positive_int(k):
+    memory = AddressableMemory(2, (1, 4, 4), n_bases=2, per_class=2)
+    net = MLP((1, 4, 4), 2, hidden=4, depth=1)
+    with pytest.raises(ValueError, match="snapshot_every"):
+        hypergradient(memory, net, [torch.tensor([0, 2])], torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]), lr=0.1,
+                      momentum=0.9, snapshot_every=k)
