@@ -4,11 +4,13 @@ method's storage stays within the budget; the metrics of a hand-made matrix;
 resume equals an uninterrupted run; bad input gets a one-line error.
 
 Runs use split-digits (scikit-learn's bundled digits) or small synthetic
-28x28 datasets, with tiny settings. The one MNIST test reads the original IDX
-files from ../shared/data/mnist when present (gzipped, as distributed; it
-gunzips them into torchvision's layout, DIR/MNIST/raw/, which is also what
-``torchvision.datasets.MNIST(DIR, download=True)`` leaves) and is skipped
-otherwise; nothing is downloaded.
+28x28 datasets, with tiny settings. The one MNIST test needs MNIST's four
+original gzipped IDX files (train-images-idx3-ubyte.gz,
+train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz,
+t10k-labels-idx1-ubyte.gz) in a folder ``shared/data/mnist`` beside the
+repository; it gunzips them into torchvision's layout, DIR/MNIST/raw/, which
+is what ``torchvision.datasets.MNIST(DIR, download=True)`` leaves. It is
+skipped when they are absent; nothing is downloaded.
 """
 
 import dataclasses
