@@ -7,12 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny_run
 import yaml
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "distill_accuracy.py"
-TINY = dict(dataset="digits", network="mlp", n_bases=4, downsample=1, steps=3, n_per_c=3, iterations=4,
-            eval_every=2, val_nets=1, eval_nets=2, eval_epochs=2, full_data_epochs=2, checkpoint_every=2,
-            outer_optimizer="adam", outer_lr=0.03)
+TINY = dict(tiny_run.TINY, dataset="digits", eval_nets=2)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 from addrmem.config import default_config
 from addrmem.data import load_dataset
 
-TINY = dict(network="mlp", n_bases=4, downsample=1, steps=3, n_per_c=3, iterations=4, eval_every=2,
+TINY = dict(network="mlp", ipc=1, n_bases=4, downsample=1, steps=3, n_per_c=3, iterations=4, eval_every=2,
             val_nets=1, eval_nets=1, eval_epochs=2, full_data_epochs=2, checkpoint_every=2,
             outer_optimizer="adam", outer_lr=0.03, device="cpu")
 
