@@ -1,8 +1,8 @@
 """The ``addrmem`` command: ``distill``, ``show`` and ``eval``.
 
 ``addrmem distill`` with no arguments distills scikit-learn's 8×8 digits at a
-budget of one image per class (on the GPU if torch sees one, else on the CPU:
-a few minutes on two cores) and
+budget of two images per class (on the GPU if torch sees one, else on the CPU:
+about two minutes of CPU time) and
 prints the retained test accuracy of the addressable memory, of the
 ImageMemory baseline and of a random real subset at the same budget, and of
 the full training set. Bad input ends with a one-line ``addrmem: error: ...``
@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Distill a dataset into an addressable memory, distill the ImageMemory baseline the "
                     "same way at the same storage budget, and print the test accuracy (mean ± std over "
                     "fresh networks) of both, of a random real subset at that budget and of the full "
-                    "training set. Without options: digits, IPC 1, a few minutes on two CPU cores. Options "
+                    "training set. Without options: digits, IPC 2, about two minutes of CPU time. Options "
                     "override --config FILE, which overrides the dataset's defaults; a run folder "
                     "(config.yaml, log.jsonl, checkpoint.pt, memory.pt, PNG grids, results.json) is "
                     "written to --out.")
