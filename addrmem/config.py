@@ -120,18 +120,7 @@ class DistillConfig:
         must name a device, whether or not this machine has it: see
         :func:`resolve_device`); raises TypeError or ValueError naming the
         field. Returns self."""
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            kind = {"int": int, "float": float, "str": str, "str | None": str, "list[str]": list}[field.type]
-            if value is None and field.type == "str | None":
-                continue
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-                setattr(self, field.name, value)
-            if isinstance(value, bool) or not isinstance(value, kind):
-                raise TypeError(f"config field {field.name} must be {field.type}; got {value!r}")
-            if kind is float and not math.isfinite(value):
-                raise ValueError(f"config field {field.name} must be a finite number; got {value}")
+        check_field_types(self, "config")
         choices = {"memory": ("addressable", "image"), "augment": ("none", "flip_rotate"),
                    "outer_optimizer": ("sgd", "adam"), "coeff_reg": ("none", "l1", "l2"),
                    "dtype": ("float32", "float64")}
@@ -199,22 +188,7 @@ class DistillConfig:
         dataset), with the fields in ``overrides`` replaced. Numbers such as
         ``1e-2`` are floats (YAML 1.2; PyYAML's YAML 1.1 wants ``1.0e-2``).
         Raises FileNotFoundError or ValueError (naming the file)."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config file at {str(path)!r}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                values = yaml.load(f, Loader=_YamlLoader)
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{str(path)!r} is not a text file ({exc.reason} at byte {exc.start}): a config "
-                             f"is YAML text of 'field: value' lines") from exc
-        except yaml.YAMLError as exc:
-            lines = str(exc).strip().splitlines()
-            raise ValueError(f"{str(path)!r} is not valid YAML: {lines[0]}") from exc
-        if values is None:
-            values = {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{str(path)!r} must hold a YAML mapping of config fields")
-        return cls.from_dict({**values, **overrides})
+        return cls.from_dict({**read_yaml_mapping(path), **overrides})
 
 
 PRESETS = {
@@ -247,6 +221,48 @@ def default_config(dataset: str = "digits", **overrides) -> DistillConfig:
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_field_types(config, label: str) -> None:
+    """Check that every field of the dataclass ``config`` has its annotated
+    type ("int", "float", "str", "str | None", "list...", "dict"; an int is
+    accepted, and stored, as a float; floats must be finite). Raises
+    TypeError or ValueError naming ``label`` and the field."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value is None and field.type == "str | None":
+            continue
+        kind = {"int": int, "float": float, "str": str, "str | None": str, "list[str]": list, "list": list,
+                "dict": dict}[field.type]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            setattr(config, field.name, value)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise TypeError(f"{label} field {field.name} must be {field.type}; got {value!r}")
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"{label} field {field.name} must be a finite number; got {value}")
+
+
+def read_yaml_mapping(path) -> dict:
+    """The YAML mapping in the file ``path`` ({} if empty), numbers such as
+    ``1e-2`` read as floats. Raises FileNotFoundError or ValueError naming
+    the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file at {str(path)!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.load(f, Loader=_YamlLoader)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not a text file ({exc.reason} at byte {exc.start}): a config "
+                         f"is YAML text of 'field: value' lines") from exc
+    except yaml.YAMLError as exc:
+        lines = str(exc).strip().splitlines()
+        raise ValueError(f"{str(path)!r} is not valid YAML: {lines[0]}") from exc
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{str(path)!r} must hold a YAML mapping of config fields")
+    return values
 
 
 class _YamlLoader(yaml.SafeLoader):

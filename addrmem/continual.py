@@ -39,10 +39,11 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from .config import DistillConfig, _YamlLoader, derive_seed, device_name, generator, resolve_device
+from .config import (DistillConfig, check_field_types, derive_seed, device_name, generator, read_yaml_mapping,
+                     resolve_device)
 from .data import load_dataset
 from .distill import RealPool, make_outer_optimizer, outer_generators, outer_step
-from .evaluation import _accuracy
+from .evaluation import accuracy
 from .files import atomic_write, atomic_write_text
 from .memory import AddressableMemory, ImageMemory
 from .networks import MLP, NETWORKS, make_network
@@ -135,17 +136,7 @@ class ContinualConfig:
     def validate(self) -> "ContinualConfig":
         """Check types, choices and ranges; raises TypeError or ValueError
         naming the field. Returns self."""
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            kind = {"int": int, "float": float, "str": str, "str | None": str, "list": list,
-                    "dict": dict}[field.type]
-            if value is None and field.type == "str | None":
-                continue
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-                setattr(self, field.name, value)
-            if isinstance(value, bool) or not isinstance(value, kind):
-                raise TypeError(f"continual config field {field.name} must be {field.type}; got {value!r}")
+        check_field_types(self, "continual config")
         if self.benchmark not in BENCHMARKS:
             raise ValueError(f"unknown benchmark {self.benchmark!r}; known: {', '.join(BENCHMARKS)}")
         for name, allowed in (("protocol", ("replay", "retrain")), ("bases", ("task", "shared")),
@@ -217,17 +208,7 @@ class ContinualConfig:
     def from_yaml(cls, path, **overrides) -> "ContinualConfig":
         """A config from a YAML mapping of fields at ``path``, with ``overrides``
         replacing fields. Raises FileNotFoundError or ValueError naming the file."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config file at {str(path)!r}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                values = yaml.load(f, Loader=_YamlLoader)
-        except (UnicodeDecodeError, yaml.YAMLError) as exc:
-            lines = str(exc).strip().splitlines()
-            raise ValueError(f"{str(path)!r} is not a YAML config: {lines[0]}") from exc
-        if not isinstance(values, (dict, type(None))):
-            raise ValueError(f"{str(path)!r} must hold a YAML mapping of continual config fields")
-        return cls.from_dict({**(values or {}), **overrides})
+        return cls.from_dict({**read_yaml_mapping(path), **overrides})
 
     def to_yaml(self, path) -> None:
         """Write the config to ``path`` as YAML (atomically)."""
@@ -726,7 +707,7 @@ def run_continual(config: ContinualConfig, run_dir: str | None = None, resume: b
                 test_images, test_labels = stream.test(j)
                 for name, method in methods.items():
                     device = next(method.net.parameters()).device
-                    state["R"][name][t][j] = _accuracy(method.net, test_images.to(device), test_labels.to(device))
+                    state["R"][name][t][j] = accuracy(method.net, test_images.to(device), test_labels.to(device))
             state["task"] = t + 1
             bar.update(1)
             if checkpoint:

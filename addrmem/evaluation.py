@@ -42,7 +42,7 @@ class Accuracy:
 
 
 @torch.no_grad()
-def _accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 1024) -> float:
+def accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 1024) -> float:
     """Top-1 accuracy (%) of ``net`` on images (N, C, H, W), labels (N,)."""
     net.eval()
     correct = 0
@@ -96,5 +96,5 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, confi
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-        runs.append(_accuracy(net, eval_images, eval_labels))
+        runs.append(accuracy(net, eval_images, eval_labels))
     return Accuracy.of(runs)
