@@ -166,13 +166,7 @@ class DistillConfig:
         """``base`` (default: :func:`default_config` of ``values["dataset"]``,
         or of the default dataset) with the fields in ``values`` replaced.
         Raises ValueError for unknown fields."""
-        if not isinstance(values, dict):
-            raise ValueError(f"a config must be a mapping of field: value; got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config field(s) {', '.join(map(str, unknown))}; "
-                             f"known: {', '.join(sorted(known))}")
+        check_known_fields(cls, values, "config")
         if base is None:
             base = default_config(values.get("dataset", cls.dataset))
         return dataclasses.replace(base, **values)
@@ -221,6 +215,17 @@ def default_config(dataset: str = "digits", **overrides) -> DistillConfig:
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_known_fields(cls, values, label: str) -> None:
+    """Check that ``values`` is a mapping of fields of the dataclass ``cls``;
+    raises ValueError naming ``label`` and the unknown fields."""
+    if not isinstance(values, dict):
+        raise ValueError(f"a {label} must be a mapping of field: value; got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {label} field(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(known))}")
 
 
 def check_field_types(config, label: str) -> None:

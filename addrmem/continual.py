@@ -39,8 +39,8 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from .config import (DistillConfig, check_field_types, derive_seed, device_name, generator, read_yaml_mapping,
-                     resolve_device)
+from .config import (DistillConfig, check_field_types, check_known_fields, derive_seed, device_name, generator,
+                     read_yaml_mapping, resolve_device)
 from .data import load_dataset
 from .distill import RealPool, make_outer_optimizer, outer_generators, outer_step
 from .evaluation import accuracy
@@ -195,13 +195,7 @@ class ContinualConfig:
     def from_dict(cls, values: dict) -> "ContinualConfig":
         """A config from a mapping of some fields (the others keep their
         defaults). Raises ValueError for unknown fields."""
-        if not isinstance(values, dict):
-            raise ValueError(f"a continual config must be a mapping of field: value; got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown continual config field(s) {', '.join(map(str, unknown))}; "
-                             f"known: {', '.join(sorted(known))}")
+        check_known_fields(cls, values, "continual config")
         return cls(**values)
 
     @classmethod
