@@ -178,13 +178,14 @@ def _os_error(exc: OSError, args) -> str:
     if exc.errno is None:  # raised by addrmem with its own message
         return _first_line(exc)
     where = repr(exc.filename) if exc.filename else "the run folder"
-    run = (args.resume or args.out) if args.command == "distill" else args.run
+    resumable = args.command in ("distill", "continual")  # commands that write a run folder, with --resume
+    run = getattr(args, "run", None) or (args.resume or args.out if resumable else None)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = (f"free space, then continue with: addrmem distill --resume {run}" if args.command == "distill"
+        fix = (f"free space, then continue with: addrmem {args.command} --resume {run}" if resumable
                else "free space and run it again")
         return f"no space left on the device for {where}: {fix}"
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        fix = ("choose an --out folder you can write to" if args.command == "distill" and not args.resume
+        fix = ("choose an --out folder you can write to" if resumable and not args.resume
                else f"copy the run folder somewhere writable (cp -r {run} COPY) and give the copy")
         return f"cannot write {where} ({exc.strerror}): {fix}"
     return f"{where}: {exc.strerror}"
