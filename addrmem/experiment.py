@@ -28,6 +28,17 @@ def eval_networks(config: DistillConfig) -> list:
     return list(dict.fromkeys([config.network, *config.eval_archs]))
 
 
+def random_subset(config: DistillConfig, dataset) -> torch.Tensor:
+    """The random real subset at the memory's budget: ``config.ipc`` training
+    images per class, drawn from the seeded stream "random_real". Returns
+    their (num_classes * ipc,) indices into ``dataset.train``."""
+    pick = generator(config.seed, "random_real")
+    labels = dataset.train[1]
+    return torch.cat([(labels == c).nonzero().squeeze(1)[
+        torch.randperm(int((labels == c).sum()), generator=pick)[:config.ipc]]
+        for c in range(dataset.num_classes)])
+
+
 def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume: bool = False,
                    progress: bool = True) -> dict:
     """Distill ``config``'s memory into ``run_dir`` and compare, at the same
@@ -99,11 +110,8 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
                          "images": len(labels), "per_class": result.memory.per_class,
                          "iteration": result.iteration, "val": dataclasses.asdict(result.val)}
         seconds[kind] = {"distill": result.seconds, "test": test_seconds}
-    pick = generator(config.seed, "random_real")
     train_images, train_labels = dataset.train
-    subset = torch.cat([(train_labels == c).nonzero().squeeze(1)[
-        torch.randperm(int((train_labels == c).sum()), generator=pick)[:config.ipc]]
-        for c in range(dataset.num_classes)])
+    subset = random_subset(config, dataset)
     references = {"random_real": (subset, config.eval_epochs)}
     if config.full_data_epochs:
         references["full_data"] = (torch.arange(len(train_labels)), config.full_data_epochs)

@@ -42,8 +42,9 @@ from .config import DistillConfig, derive_seed, generator
 from .data import Dataset, to_display
 from .distill import distill
 from .evaluation import evaluate
+from .experiment import random_subset
 from .files import atomic_write, atomic_write_text
-from .runs import _enlarge, create_run_folder
+from .runs import create_run_folder, enlarge
 
 __all__ = ["BUILTIN_MAPS", "LabelMap", "SOFT_QUERIES_PER_CLASS", "format_query", "label_map", "load_map",
            "memory_training_sets", "relabel_dataset", "run_query", "save_query_grid", "soft_queries"]
@@ -219,7 +220,7 @@ def save_query_grid(memory, label_map: LabelMap, path: str, max_per_class: int =
     images, _ = memory.recall(queries)
     per_class = min(memory.per_class, max_per_class)
     images = images.view(label_map.num_new, memory.per_class, *images.shape[1:])[:, :per_class].flatten(0, 1)
-    tiles = _enlarge(to_display(images, memory.extra["preprocessing"]))
+    tiles = enlarge(to_display(images, memory.extra["preprocessing"]))
     atomic_write(path, lambda f: save_image(tiles, f, format="png", nrow=per_class, padding=1, pad_value=1.0))
 
 
@@ -243,16 +244,16 @@ def run_query(config: DistillConfig, dataset: Dataset, memories: dict, label_map
         raise ValueError(f"--nets must be >= 1; got {nets}")
     new_ipc = config.ipc * len(label_map.kept()) // label_map.num_new
     direct = dataclasses.replace(config, ipc=new_ipc, eval_archs=[])
-    create_run_folder(out_dir)
+    try:
+        create_run_folder(out_dir)
+    except FileExistsError:
+        raise FileExistsError(f"{out_dir!r} is not empty: choose another --out folder") from None
     new_data = relabel_dataset(dataset, label_map)
     device, dtype = config.device_dtype()
     test_seed = derive_seed(config.seed, "test")
     image_floats = math.prod(dataset.image_shape)
-    pick = generator(config.seed, "random_real")
     train_images, train_labels = dataset.train
-    subset = torch.cat([(train_labels == c).nonzero().squeeze(1)[
-        torch.randperm(int((train_labels == c).sum()), generator=pick)[:config.ipc]]
-        for c in range(dataset.num_classes)])
+    subset = random_subset(config, dataset)
 
     def sets():
         """(name, images, labels, floats, epochs) of every training set, built lazily."""

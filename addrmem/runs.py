@@ -141,13 +141,15 @@ def save_grids(memory, folder: str, max_per_class: int = 16) -> list:
     paths = []
     for name, (tiles, nrow) in grids.items():
         path = os.path.join(folder, name)
-        atomic_write(path, lambda f: save_image(_enlarge(tiles), f, format="png", nrow=nrow, padding=1,
+        atomic_write(path, lambda f: save_image(enlarge(tiles), f, format="png", nrow=nrow, padding=1,
                                                 pad_value=1.0))
         paths.append(path)
     return paths
 
 
-def _enlarge(images):
+def enlarge(images):
+    """Images (N, C, H, W) scaled up by nearest neighbours to at least 32
+    pixels a side, for pictures."""
     factor = max(1, math.ceil(32 / min(images.shape[-2:])))
     return F.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
 
