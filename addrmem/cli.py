@@ -1,4 +1,5 @@
-"""The ``addrmem`` command: ``distill``, ``show`` and ``eval``.
+"""The ``addrmem`` command: ``distill``, ``show``, ``eval``, ``continual`` and
+``query``.
 
 ``addrmem distill`` with no arguments distills scikit-learn's 8×8 digits at a
 budget of two images per class (on the GPU if torch sees one, else on the CPU:
