@@ -41,6 +41,8 @@ problem = cuda_problem()
 with_cuda = problem is None
 sources = ["csrc/synthesize.cpp"]
 cxx_flags = ["-O3"]
+# at::parallel_for is inlined into the extension: without OpenMP it runs on one thread.
+openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
 if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
@@ -48,12 +50,14 @@ if with_cuda:
     extension = CUDAExtension(
         "addrmem._C",
         sources + ["csrc/synthesize_cuda.cu"],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+        extra_compile_args={"cxx": cxx_flags + openmp, "nvcc": ["-O3"]},
+        extra_link_args=openmp,
     )
 else:
     archs = ""
     print(f"addrmem: building the CPU-only extension ({problem})")
-    extension = CppExtension("addrmem._C", sources, extra_compile_args={"cxx": cxx_flags})
+    extension = CppExtension("addrmem._C", sources, extra_compile_args={"cxx": cxx_flags + openmp},
+                             extra_link_args=openmp)
 
 # What the build was, for addrmem.build_info().
 with open(os.path.join(HERE, "addrmem", "_build.py"), "w") as f:
