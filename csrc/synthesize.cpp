@@ -392,9 +392,8 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
   const at::Tensor G = grad_out.contiguous();
   const at::Tensor A = addresses.contiguous();
   const at::Tensor idx = checked_index(index, g);
-  const at::Tensor Bacc = bases_in_acc(bases, g);
-  const auto acc_type = Bacc.scalar_type();
-  const at::Tensor Bt = Bacc.t().contiguous();  // (D, K)
+  const auto acc_type = at::toOpMathType(A.scalar_type());
+  const at::Tensor Bt = want_a ? bases_in_acc(bases, g).t().contiguous() : at::Tensor();  // (D, K), for grad_rows
   at::Tensor grad_addresses = A.new_empty({0});
   at::Tensor grad_bases = want_b ? at::empty({g.K, g.C, g.h, g.w}, A.options()) : A.new_empty({0});
   if (g.N == 0) {
@@ -418,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
     const scalar_t* a = A.const_data_ptr<scalar_t>();
     const int64_t* ix = idx.defined() ? idx.const_data_ptr<int64_t>() : nullptr;
     const Axis<acc_t> ay(g.H, g.h, g.s), ax(g.W, g.w, g.s);
-    const acc_t* bt = Bt.const_data_ptr<acc_t>();
+    const acc_t* bt = want_a ? Bt.const_data_ptr<acc_t>() : nullptr;
     acc_t* part = want_b ? partial.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* gr = want_a ? grad_rows.mutable_data_ptr<acc_t>() : nullptr;
 
