@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from . import parallel
 from .config import DistillConfig, default_config, derive_seed, device_name, resolve_device
 from .continual import BENCHMARKS as CONTINUAL_BENCHMARKS
 from .continual import ContinualConfig, make_stream, run_continual
@@ -153,20 +154,32 @@ def main(argv=None) -> int:
     ``sys.argv[1:]``. Returns 0; exits with a one-line message and status 1
     on bad input (SystemExit), 130 when interrupted."""
     args = _parser().parse_args(argv)
+    if args.command in ("distill", "continual"):
+        parallel.setup()  # under torchrun: join the process group
     command = {"distill": _distill, "show": _show, "eval": _eval, "continual": _continual,
                "query": _query}[args.command]
     try:
         command(args)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, OSError, ValueError, TypeError, FloatingPointError) as exc:
+        if not parallel.is_writer():  # rank 0 says what went wrong, once
+            raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 1)
+        _fail(exc, args)
+    finally:
+        if parallel.world_size() > 1:
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def _fail(exc, args):
+    """Exit with the one-line message for ``exc`` (status 1), or 130 when interrupted."""
+    if isinstance(exc, KeyboardInterrupt):
         where = getattr(args, "out", None) or getattr(args, "resume", None) or getattr(args, "run", "")
         print(f"\naddrmem: interrupted; continue with: addrmem distill --resume {where}"
               if args.command == "distill" else "\naddrmem: interrupted", file=sys.stderr)
         raise SystemExit(130)
-    except OSError as exc:
+    if isinstance(exc, OSError):
         raise SystemExit(f"addrmem: error: {_os_error(exc, args)}")
-    except (ValueError, TypeError, FloatingPointError) as exc:
-        raise SystemExit(f"addrmem: error: {_first_line(exc)}")
-    return 0
+    raise SystemExit(f"addrmem: error: {_first_line(exc)}")
 
 
 def _first_line(exc) -> str:
@@ -193,9 +206,13 @@ def _os_error(exc: OSError, args) -> str:
 
 
 def _use_device(config) -> torch.device:
-    """The device ``config`` runs on here (raises ValueError if it is missing); says which."""
+    """The device ``config`` runs on here (raises ValueError if it is missing
+    or, under torchrun, not one GPU per process); says which."""
     device = resolve_device(config.device)
-    print(f"device: {device_name(device)}" + (" (auto)" if config.device == "auto" else ""))
+    parallel.check_device(device)
+    if parallel.is_writer():
+        processes = f", {parallel.world_size()} processes" if parallel.world_size() > 1 else ""
+        print(f"device: {device_name(device)}" + (" (auto)" if config.device == "auto" else "") + processes)
     return device
 
 
@@ -220,7 +237,7 @@ def _distill(args):
             given = ", ".join(flag for flag, field, _, _, _ in _DISTILL_FLAGS if field in flags)
             raise ValueError(f"--resume takes every setting from the run's config.yaml; drop "
                              f"{given or '--config/--out'}")
-        config, run_dir = _run_config(args.resume), args.resume
+        config, run_dir = parallel.from_writer(lambda: _run_config(args.resume)), args.resume
     else:
         config = (DistillConfig.from_yaml(args.config, **flags) if args.config
                   else DistillConfig.from_dict(flags))
@@ -231,8 +248,9 @@ def _distill(args):
     _set_threads(config)
     dataset = load_dataset(config.dataset, config.data_root, download=args.download, zca=config.zca)
     results = run_experiment(config, dataset, run_dir, resume=bool(args.resume))
-    print(_format_results(results, config))
-    print(f"run folder: {run_dir}")
+    if parallel.is_writer():
+        print(_format_results(results, config))
+        print(f"run folder: {run_dir}")
 
 
 def _format_results(results, config) -> str:

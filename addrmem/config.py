@@ -52,7 +52,10 @@ class DistillConfig:
     docs/method.md "Augmentation"), ``snapshot_every`` (k: the hypergradient
     keeps every k-th inner step's weights and recomputes the others, for
     long unrolls that do not fit in memory; the same result, bit for bit).
-    Outer loop: ``iterations``, ``outer_optimizer`` ("sgd" or "adam"),
+    Outer loop: ``iterations``, ``meta_batch`` (M: each outer iteration
+    averages the hypergradients of M independent inner trajectories, shared
+    out over the processes of a torch.distributed run; docs/scaling.md),
+    ``outer_optimizer`` ("sgd" or "adam"),
     ``outer_lr``, ``outer_momentum`` (SGD only), ``clip`` (global grad-norm
     clip over all memory parameters), ``coeff_reg`` ("none", "l1" or "l2")
     and ``coeff_reg_alpha``: alpha * dR/dA is added to the addresses'
@@ -91,6 +94,7 @@ class DistillConfig:
     augment: str = "none"
     snapshot_every: int = 1
     iterations: int = 1000
+    meta_batch: int = 1
     outer_optimizer: str = "sgd"
     outer_lr: float = 0.1
     outer_momentum: float = 0.5
@@ -129,7 +133,7 @@ class DistillConfig:
                 raise ValueError(f"config field {name} must be one of {', '.join(allowed)}; "
                                  f"got {getattr(self, name)!r}")
         for name in ("ipc", "n_bases", "downsample", "steps", "snapshot_every", "n_per_c", "real_per_class",
-                     "iterations",
+                     "iterations", "meta_batch",
                      "eval_every", "val_nets", "eval_nets", "eval_epochs", "eval_batch", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config field {name} must be >= 1; got {getattr(self, name)}")

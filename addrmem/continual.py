@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
+from . import parallel
 from .config import (DistillConfig, check_field_types, check_known_fields, derive_seed, device_name, generator,
                      read_yaml_mapping, resolve_device)
 from .data import load_dataset
@@ -661,33 +662,47 @@ def run_continual(config: ContinualConfig, run_dir: str | None = None, resume: b
     "max_floats" (the most stored after any task), "seconds"}; plus
     ``budget_floats``, ``tasks`` and the run's settings.
 
+    In a torch.distributed process group every rank runs the whole protocol
+    and shares out each task's distillation (``distill`` ``meta_batch``,
+    :func:`addrmem.distill.outer_step`); rank 0 alone writes.
+
     Raises ValueError (bad config, a budget too small for a memory, a
     checkpoint of another config), FileNotFoundError (missing dataset files),
     FileExistsError (``run_dir`` not empty and not ``resume``) and OSError.
     """
     config.validate()
+    if any(m in ("image", "addressable") for m in config.methods):
+        parallel.check_meta_batch(config.distill_config().meta_batch)
     stream = stream or make_stream(config)
     methods = {name: _METHOD_CLASSES[name](name, config, stream) for name in config.methods}
     for method in methods.values():
-        method.progress = progress
         if isinstance(method, _Distilled):
             method.check_budget()
     T = len(stream)
     state = {"task": 0, "R": {name: [[None] * T for _ in range(T)] for name in methods},
              "floats": {name: [] for name in methods}, "seconds": {name: 0.0 for name in methods}}
     checkpoint = os.path.join(run_dir, "checkpoint.pt") if run_dir else None
-    if run_dir and resume:
-        saved = ContinualConfig.from_yaml(os.path.join(run_dir, "config.yaml"))
-        if saved != config:
-            raise ValueError(f"the config differs from {run_dir!r}/config.yaml: resume with the saved config")
-        if os.path.exists(checkpoint):
-            blob = load_checkpoint(checkpoint, config.to_dict())
-            for name, method in methods.items():
-                method.load(blob["methods"][name])
-            state = blob["state"]
-    elif run_dir:
+    writer = bool(run_dir) and parallel.is_writer()
+
+    def start():
+        """The checkpoint to resume from (or None), after checking or writing the run folder."""
+        if resume:
+            saved = ContinualConfig.from_yaml(os.path.join(run_dir, "config.yaml"))
+            if saved != config:
+                raise ValueError(f"the config differs from {run_dir!r}/config.yaml: resume with the saved config")
+            return load_checkpoint(checkpoint, config.to_dict()) if os.path.exists(checkpoint) else None
         create_run_folder(run_dir)
         config.to_yaml(os.path.join(run_dir, "config.yaml"))
+        return None
+
+    blob = parallel.from_writer(start) if run_dir else None  # rank 0 reads and writes for every rank
+    if blob is not None:
+        for name, method in methods.items():
+            method.load(blob["methods"][name])
+        state = blob["state"]
+    progress = progress and parallel.is_writer()
+    for method in methods.values():
+        method.progress = progress
     bar = tqdm(total=T, initial=state["task"], desc=f"{stream.name}", disable=None if progress else True)
     try:
         for t in range(state["task"], T):
@@ -704,7 +719,7 @@ def run_continual(config: ContinualConfig, run_dir: str | None = None, resume: b
                     state["R"][name][t][j] = accuracy(method.net, test_images.to(device), test_labels.to(device))
             state["task"] = t + 1
             bar.update(1)
-            if checkpoint:
+            if writer:
                 save_checkpoint(checkpoint, {"config": config.to_dict(), "state": state,
                                              "methods": {n: m.state() for n, m in methods.items()}})
     finally:
@@ -716,7 +731,7 @@ def run_continual(config: ContinualConfig, run_dir: str | None = None, resume: b
                                   "num_floats": state["floats"][name][-1], "max_floats": max(state["floats"][name]),
                                   "seconds": state["seconds"][name]}
                            for name in methods}}
-    if run_dir:
+    if writer:
         atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
         plot(results, run_dir)
     return results

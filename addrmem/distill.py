@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from . import parallel
 from .augment import SiameseAugment
 from .config import DistillConfig, derive_seed, generator
 from .data import Dataset
@@ -97,7 +98,8 @@ def outer_step(memory, optimizer: torch.optim.Optimizer, config: DistillConfig, 
     """One outer iteration of distillation (docs/method.md, "One outer
     iteration"), in place on
     ``memory`` (an AddressableMemory or ImageMemory) and ``optimizer`` (from
-    :func:`make_outer_optimizer`):
+    :func:`make_outer_optimizer`). For each of ``config.meta_batch``
+    trajectories m = 0 .. M-1 in turn:
 
     1. **network**: a fresh ``config.network`` for the memory's image shape
        and classes, seeded from ``generators["network"]``, on the memory's
@@ -110,11 +112,20 @@ def outer_step(memory, optimizer: torch.optim.Optimizer, config: DistillConfig, 
        images per class of S from ``real`` (from "real");
     3. **hypergradient**: the outer loss and its exact gradient
        (``gradient``, default :func:`addrmem.hypergradient.hypergradient`,
-       called with its arguments; inner SGD ``inner_lr``, ``inner_momentum``);
-    4. **update**: the gradients set as the parameters' ``.grad``, plus
-       ``coeff_reg_alpha`` times the coefficient regulariser's gradient
-       (``coeff_reg``), the global norm clipped to ``clip``, one optimizer step,
-       the gradients cleared.
+       called with its arguments; inner SGD ``inner_lr``, ``inner_momentum``).
+
+    Then 4. **update**: the mean over the M trajectories of the losses and
+    of the gradients, the gradients set as the parameters' ``.grad``, plus
+    ``coeff_reg_alpha`` times the coefficient regulariser's gradient
+    (``coeff_reg``), the global norm clipped to ``clip``, one optimizer
+    step, the gradients cleared.
+
+    In a torch.distributed process group (:mod:`addrmem.parallel`) every rank
+    draws every trajectory's samples, so the streams stay in step, but
+    computes only the hypergradients of its share (m mod N = rank); the
+    results are added in trajectory order on every rank, so every rank takes
+    the same step. Every rank must call it, and M must be at least the
+    number of processes (ValueError otherwise).
 
     ``generators`` maps each name of :data:`STREAMS` to a torch.Generator
     (:func:`outer_generators`). ``phase(name)``, if given, is a context
@@ -128,31 +139,46 @@ def outer_step(memory, optimizer: torch.optim.Optimizer, config: DistillConfig, 
     gradient = gradient or functools.partial(hypergradient, snapshot_every=config.snapshot_every)
     first = next(memory.parameters())
     num_classes = memory.num_classes
-    with phase("network"):
-        net_seed = int(torch.randint(0, 2**62, (1,), generator=generators["network"]))
-        net = make_network(config.network, memory.image_shape, num_classes, seed=net_seed)
-        net = net.to(first.device, first.dtype)
-    with phase("sample"):
-        if 0 < config.task_classes < num_classes:
-            classes = torch.randperm(num_classes, generator=generators["task"])[:config.task_classes].sort().values
-        else:
-            classes = torch.arange(num_classes)
-        augment = SiameseAugment.draw(generators["augment"]) if config.augment == "flip_rotate" else None
-        n_per_c = min(config.n_per_c, memory.per_class)
-        batches = [memory.sample_index(classes, n_per_c, generators["rows"]) for _ in range(config.steps)]
-        real_images, real_labels = real.sample(classes.tolist(), config.real_per_class, generators["real"])
-    with phase("hypergradient"):
-        loss, grads = gradient(memory, net, batches, real_images, real_labels, lr=config.inner_lr,
-                               momentum=config.inner_momentum, augment=augment)
+    names = [name for name, _ in memory.named_parameters()]
+    parallel.check_meta_batch(config.meta_batch)
+    mine = parallel.shard(config.meta_batch)
+    flats = []  # per trajectory of this rank: [loss, every gradient flattened in the order of names]
+    for m in range(config.meta_batch):
+        with phase("network"):
+            net_seed = int(torch.randint(0, 2**62, (1,), generator=generators["network"]))
+            if m in mine:
+                net = make_network(config.network, memory.image_shape, num_classes, seed=net_seed)
+                net = net.to(first.device, first.dtype)
+        with phase("sample"):
+            if 0 < config.task_classes < num_classes:
+                classes = torch.randperm(num_classes, generator=generators["task"])[:config.task_classes]
+                classes = classes.sort().values
+            else:
+                classes = torch.arange(num_classes)
+            augment = SiameseAugment.draw(generators["augment"]) if config.augment == "flip_rotate" else None
+            n_per_c = min(config.n_per_c, memory.per_class)
+            batches = [memory.sample_index(classes, n_per_c, generators["rows"]) for _ in range(config.steps)]
+            real_images, real_labels = real.sample(classes.tolist(), config.real_per_class, generators["real"])
+        if m in mine:
+            with phase("hypergradient"):
+                loss, grads = gradient(memory, net, batches, real_images, real_labels, lr=config.inner_lr,
+                                       momentum=config.inner_momentum, augment=augment)
+                flats.append(torch.cat([loss.reshape(1).to(first.dtype)] + [grads[name].reshape(-1)
+                                                                             for name in names]))
     with phase("update"):
+        total = parallel.combine(flats, config.meta_batch)
+        if config.meta_batch > 1:
+            total /= config.meta_batch
+        offset = 1
         for name, p in memory.named_parameters():
-            p.grad = grads[name]
+            p.grad = total[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
         if config.coeff_reg != "none":
             a = memory.addresses.detach()
             reg = a.sign() if config.coeff_reg == "l1" else a / a.norm().clamp_min(1e-12)
             memory.addresses.grad.add_(reg, alpha=config.coeff_reg_alpha)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(memory.parameters(), config.clip))
-        loss = float(loss)
+        loss = float(total[0])
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(
@@ -212,7 +238,7 @@ class _Run:
         Raises ValueError for a checkpoint that is corrupt or not this run's,
         or a log.jsonl that does not hold the records it covers."""
         path = self.path("checkpoint.pt")
-        blob = load_checkpoint(path, self.config.to_dict())
+        blob, self.log = parallel.from_writer(lambda: self._read_checkpoint(path))
         try:
             self.memory.load_state_dict(blob["memory"])
             self.optimizer.load_state_dict(blob["optimizer"])
@@ -221,13 +247,22 @@ class _Run:
             self.iteration = int(blob["iteration"])
             self.seconds = float(blob["seconds"])
             self.best = blob["best"]
-            records = int(blob["log_records"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             lines = str(exc).strip().splitlines()
             raise ValueError(f"{path!r} does not match this run ({lines[0] if lines else type(exc).__name__}): "
                              f"delete {self.run_dir!r} and start the run again") from exc
-        self.log = read_log(self.path("log.jsonl"), records)
-        write_log(self.path("log.jsonl"), self.log)
+        if parallel.is_writer():
+            write_log(self.path("log.jsonl"), self.log)
+
+    def _read_checkpoint(self, path):
+        """(checkpoint dict, the log records it covers), read from the files."""
+        blob = load_checkpoint(path, self.config.to_dict())
+        try:
+            records = int(blob["log_records"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{path!r} does not match this run (no log_records): delete {self.run_dir!r} and "
+                             f"start the run again") from exc
+        return blob, read_log(self.path("log.jsonl"), records)
 
 
 def distill(config: DistillConfig, dataset: Dataset, run_dir: str | None = None, resume: bool = False,
@@ -253,20 +288,23 @@ def distill(config: DistillConfig, dataset: Dataset, run_dir: str | None = None,
     checkpoint stays intact).
     """
     config.validate()
+    parallel.check_meta_batch(config.meta_batch)
     run = _Run(config, dataset, run_dir)
+    writer = run_dir is not None and parallel.is_writer()
     if run_dir is not None:
         checkpoint = run.path("checkpoint.pt")
-        if resume and os.path.exists(checkpoint):
+        found = parallel.from_writer(lambda: os.path.exists(checkpoint))
+        if resume and found:
             run.load_checkpoint()
-        elif not resume and os.path.exists(checkpoint):
+        elif not resume and found:
             raise FileExistsError(f"{run_dir!r} already holds a run: resume it or choose another folder")
-        else:
+        elif writer:
             atomic_write_text(run.path("log.jsonl"), "")
     device, dtype = config.device_dtype()
     memory = run.memory
     real = RealPool(*dataset.train, dataset.num_classes, device, dtype)
     val_seed = derive_seed(config.seed, "val")
-    log_file = open(run.path("log.jsonl"), "a") if run_dir is not None else None
+    log_file = open(run.path("log.jsonl"), "a") if writer else None
 
     def validate_memory():
         images, labels = memory.recall()
@@ -283,6 +321,7 @@ def distill(config: DistillConfig, dataset: Dataset, run_dir: str | None = None,
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
+    progress = progress and parallel.is_writer()
     bar = tqdm(total=config.iterations, initial=run.iteration, desc=f"distill {config.memory}",
                disable=None if progress else True)
     last_val = None
@@ -301,7 +340,7 @@ def distill(config: DistillConfig, dataset: Dataset, run_dir: str | None = None,
             run.iteration = it + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{last_val.mean:.1f}%" if last_val else "-")
-            if run_dir is not None and run.iteration % config.checkpoint_every == 0:
+            if writer and run.iteration % config.checkpoint_every == 0:
                 run.save_checkpoint()
         if not run.log or "loss" in run.log[-1]:  # the final memory is not evaluated yet
             start = time.perf_counter()
@@ -309,7 +348,7 @@ def distill(config: DistillConfig, dataset: Dataset, run_dir: str | None = None,
             run.seconds += time.perf_counter() - start
             write({"iteration": run.iteration, "val_mean": last_val.mean, "val_std": last_val.std,
                    "seconds": round(run.seconds, 3)})
-            if run_dir is not None:
+            if writer:
                 run.save_checkpoint()
     finally:
         bar.close()
@@ -323,6 +362,7 @@ def distill(config: DistillConfig, dataset: Dataset, run_dir: str | None = None,
         best.extra = dict(dataset=dataset.name, preprocessing=dataset.preprocessing(),
                           classes=list(dataset.classes), iteration=result.iteration, val_mean=result.val.mean,
                           val_std=result.val.std)
+    if writer:
         best.save(run.path("memory.pt"), **best.extra)
         save_grids(best, run_dir)
     return result

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import parallel
 from .augment import augment_per_image
 from .config import DistillConfig, derive_seed, generator
 from .data import Dataset
@@ -68,7 +69,9 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, confi
     weight decay) in shuffled batches of ``eval_batch``, with per-image
     flip/rotate augmentation at every step if ``config.augment`` is on
     (docs/method.md, "Evaluation protocol"). Runs on ``config.device`` in
-    ``config.dtype``. Returns the :class:`Accuracy` (%) of the ``n_nets``
+    ``config.dtype``; in a torch.distributed process group the ranks share
+    the networks out (network j on rank j mod N, :mod:`addrmem.parallel`) and
+    every rank must call it. Returns the :class:`Accuracy` (%) of the ``n_nets``
     networks on the split.
     """
     if split not in ("val", "test"):
@@ -79,7 +82,8 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, confi
     eval_images, eval_labels = getattr(dataset, split)
     eval_images, eval_labels = eval_images.to(device, dtype), eval_labels.to(device)
     runs = []
-    for j in tqdm(range(n_nets), desc=desc, leave=False, disable=None if progress else True):
+    mine = parallel.shard(n_nets)
+    for j in tqdm(mine, desc=desc, leave=False, disable=None if progress and parallel.is_writer() else True):
         net = make_network(network or config.network, dataset.image_shape, dataset.num_classes,
                            seed=derive_seed(seed, "net", j)).to(device, dtype)
         draws = generator(seed, "batches", j)
@@ -97,4 +101,4 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, confi
                 loss.backward()
                 optimizer.step()
         runs.append(accuracy(net, eval_images, eval_labels))
-    return Accuracy.of(runs)
+    return Accuracy.of(parallel.gather(runs, n_nets))

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from . import parallel
 from .config import DistillConfig, derive_seed, device_name, generator
 from .data import Dataset
 from .distill import build_memory, distill
@@ -55,6 +56,8 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
 
     Each is tested with every architecture of :func:`eval_networks`.
     ``run_dir`` must be new or empty (it is created), unless ``resume``.
+    In a torch.distributed process group every rank must call it; rank 0
+    alone writes (:mod:`addrmem.parallel`).
     Everything that can fail on bad input (config, budget, networks, a
     dataset loaded with other preprocessing than ``config.zca``) fails before
     the folder is written (:func:`addrmem.runs.create_run_folder`). Writes
@@ -77,13 +80,22 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
         build_memory(cfg, dataset)
     for arch in eval_networks(config):
         make_network(arch, dataset.image_shape, dataset.num_classes, seed=0)
-    if resume:
-        saved = DistillConfig.from_yaml(os.path.join(run_dir, "config.yaml"))
-        if saved != config:
-            raise ValueError(f"the config differs from {run_dir!r}/config.yaml: resume with the saved config")
-    else:
-        create_run_folder(run_dir)
-        config.to_yaml(os.path.join(run_dir, "config.yaml"))
+
+    def start():
+        if resume:
+            saved = DistillConfig.from_yaml(os.path.join(run_dir, "config.yaml"))
+            if saved != config:
+                raise ValueError(f"the config differs from {run_dir!r}/config.yaml: resume with the saved config")
+        else:
+            create_run_folder(run_dir)
+            config.to_yaml(os.path.join(run_dir, "config.yaml"))
+        for kind, cfg in configs.items():
+            folder = os.path.join(run_dir, BASELINE_DIR)
+            if kind != config.memory and not os.path.exists(os.path.join(folder, "config.yaml")):
+                os.makedirs(folder, exist_ok=True)
+                cfg.to_yaml(os.path.join(folder, "config.yaml"))
+
+    parallel.from_writer(start)  # rank 0 writes; its errors are raised on every rank
     test_seed = derive_seed(config.seed, "test")
     archs = eval_networks(config)
 
@@ -100,9 +112,6 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
     methods, seconds = {}, {}
     for kind, cfg in configs.items():
         folder = run_dir if kind == config.memory else os.path.join(run_dir, BASELINE_DIR)
-        os.makedirs(folder, exist_ok=True)
-        if folder != run_dir and not os.path.exists(os.path.join(folder, "config.yaml")):
-            cfg.to_yaml(os.path.join(folder, "config.yaml"))
         result = distill(cfg, dataset, folder, resume=resume, progress=progress)
         images, labels = result.memory.recall()
         accs, test_seconds = test(images, labels, kind)
@@ -131,6 +140,7 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
         "wall_seconds": distill_seconds + test_seconds,
         "device": device_name(config.device_dtype()[0]), "threads": torch.get_num_threads(),
     }
-    atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
+    if parallel.is_writer():
+        atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
     return results
 

@@ -1,0 +1,116 @@
+"""What tests/test_parallel.py runs in each process it starts with torchrun:
+``python -m torch.distributed.run --standalone --nproc-per-node N
+tests/parallel_worker.py JOB OUT``. Rank 0 saves what the test compares
+(torch.save) to OUT; JOB is one of the functions below."""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from tiny_run import tiny  # noqa: E402
+
+from addrmem import distill as distill_module  # noqa: E402
+from addrmem import parallel  # noqa: E402
+from addrmem.data import load_dataset  # noqa: E402
+
+
+def vectors(n, numel):
+    """n seeded random vectors (numel,) in float32, vector m from seed m."""
+    return [torch.randn(numel, generator=torch.Generator().manual_seed(m)) for m in range(n)]
+
+
+def collectives(out):
+    """combine, gather and from_writer on odd sizes."""
+    n, numel = 5, 1031
+    mine = parallel.shard(n)
+    total = parallel.combine([vectors(n, numel)[m] for m in mine], n)
+    items = parallel.gather([f"item {m} from rank {parallel.rank()}" for m in mine], n)
+    value = parallel.from_writer(lambda: {"rank": parallel.rank()})
+    try:
+        parallel.from_writer(lambda: int("not a number"))
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    everyone = [None] * parallel.world_size()
+    dist.all_gather_object(everyone, (total, items, value, error))
+    if parallel.is_writer():
+        torch.save(everyone, out)
+
+
+def recording_step(config, digits):
+    """One outer_step of ``config``: (each of this rank's trajectories'
+    hypergradient, the combined gradient the optimizer stepped with)."""
+    memory = distill_module.build_memory(config, digits)
+    optimizer = distill_module.make_outer_optimizer(memory, config)
+    stepped = {}
+    original_step = optimizer.step
+
+    def step(*args, **kwargs):
+        stepped.update({name: p.grad.clone() for name, p in memory.named_parameters()})
+        return original_step(*args, **kwargs)
+
+    optimizer.step = step
+    own = []
+
+    def gradient(*args, **kwargs):
+        loss, grads = distill_module.hypergradient(*args, **kwargs)
+        own.append({name: g.clone() for name, g in grads.items()})
+        return loss, grads
+
+    real = distill_module.RealPool(*digits.train, digits.num_classes, *config.device_dtype())
+    distill_module.outer_step(memory, optimizer, config, real, distill_module.outer_generators(config.seed),
+                              gradient=gradient)
+    return own, stepped
+
+
+def step(out):
+    """One outer step with meta_batch 4: each rank's trajectories and the combined gradient."""
+    digits = load_dataset("digits")
+    own, stepped = recording_step(tiny(meta_batch=4, clip=1e9), digits)
+    everyone = [None] * parallel.world_size()
+    dist.all_gather_object(everyone, (list(parallel.shard(4)), own, stepped))
+    if parallel.is_writer():
+        torch.save(everyone, out)
+
+
+def run(out, resume=False, interrupt_at=None):
+    """A whole distillation with meta_batch 2 into the run folder OUT.run."""
+    digits = load_dataset("digits")
+    config = tiny(meta_batch=2, iterations=5, checkpoint_every=2, val_nets=3)
+    folder = out + ".run"
+    if parallel.is_writer() and not resume:
+        os.makedirs(folder)
+        config.to_yaml(os.path.join(folder, "config.yaml"))
+    dist.barrier()
+    if interrupt_at is not None:
+        real, calls = distill_module.hypergradient, []
+
+        def interrupted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == interrupt_at:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        distill_module.hypergradient = interrupted
+        try:
+            distill_module.distill(config, digits, folder, progress=False)
+        except KeyboardInterrupt:
+            return
+        raise AssertionError("not interrupted")
+    result = distill_module.distill(config, digits, folder, resume=resume, progress=False)
+    if parallel.is_writer():
+        torch.save({"memory": dict(result.memory.state_dict()), "log": result.log, "iteration": result.iteration,
+                    "val": result.val.runs}, out)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    job, out = sys.argv[1], sys.argv[2]
+    parallel.setup()
+    {"collectives": collectives, "step": step, "run": run,
+     "interrupt": lambda out: run(out, interrupt_at=4), "resume": lambda out: run(out, resume=True)}[job](out)
+    dist.destroy_process_group()
