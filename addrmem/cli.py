@@ -53,6 +53,8 @@ _DISTILL_FLAGS = [
     ("--snapshot-every", "snapshot_every", int, "K", "keep every K-th inner step's weights and recompute the "
      "others in the reverse pass (less memory for long unrolls, more time; the same result)"),
     ("--iterations", "iterations", int, "N", "outer iterations"),
+    ("--meta-batch", "meta_batch", int, "M", "inner trajectories whose hypergradients each outer iteration "
+     "averages; under torchrun the processes share them out (M at least the number of processes)"),
     ("--inner-lr", "inner_lr", float, "LR", "learning rate of the unrolled inner SGD"),
     ("--outer-lr", "outer_lr", float, "LR", "learning rate of the memory's optimizer"),
     ("--eval-arch", "eval_archs", _names, "NET,...", "also test every method with these networks "
