@@ -175,9 +175,9 @@ def main(argv=None) -> int:
 def _fail(exc, args):
     """Exit with the one-line message for ``exc`` (status 1), or 130 when interrupted."""
     if isinstance(exc, KeyboardInterrupt):
-        where = getattr(args, "out", None) or getattr(args, "resume", None) or getattr(args, "run", "")
-        print(f"\naddrmem: interrupted; continue with: addrmem distill --resume {where}"
-              if args.command == "distill" else "\naddrmem: interrupted", file=sys.stderr)
+        where = {"distill": getattr(args, "out", None), "continual": getattr(args, "run", None)}.get(args.command)
+        print(f"\naddrmem: interrupted; continue with: addrmem {args.command} --resume {where}" if where
+              else "\naddrmem: interrupted", file=sys.stderr)
         raise SystemExit(130)
     if isinstance(exc, OSError):
         raise SystemExit(f"addrmem: error: {_os_error(exc, args)}")
@@ -353,16 +353,13 @@ def _continual(args):
         run_dir = args.out or os.path.join(
             "runs", f"continual-{config.benchmark}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.run = run_dir  # where _os_error says the files are
-    print(f"device: {device_name(resolve_device(config.device))}")
+    _use_device(config)
     _set_threads(config)
     stream = make_stream(config, download=args.download)
-    try:
-        results = run_continual(config, run_dir, resume=bool(args.resume), stream=stream)
-    except KeyboardInterrupt:
-        print(f"\naddrmem: interrupted; continue with: addrmem continual --resume {run_dir}", file=sys.stderr)
-        raise SystemExit(130)
-    print(_format_continual(results))
-    print(f"run folder: {run_dir}")
+    results = run_continual(config, run_dir, resume=bool(args.resume), stream=stream)
+    if parallel.is_writer():
+        print(_format_continual(results))
+        print(f"run folder: {run_dir}")
 
 
 def _format_continual(results) -> str:

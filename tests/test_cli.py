@@ -315,3 +315,18 @@ def test_yaml_exponent_floats_are_accepted(tmp_path, capsys):
     config.write_text(yaml.safe_dump({**TINY, "iterations": 1, "full_data_epochs": 0}) + "inner_lr: 1e-2\n")
     assert main(["distill", "--config", str(config), "--out", str(tmp_path / "r")]) == 0
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["inner_lr"] == 0.01
+
+
+@pytest.mark.parametrize("command", ["distill", "continual"])
+def test_interrupt_says_how_to_resume(command, tmp_path, monkeypatch, capsys):
+    import addrmem.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_experiment" if command == "distill" else "run_continual", interrupted)
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--out", out])
+    assert stop.value.code == 130
+    assert f"continue with: addrmem {command} --resume {out}" in capsys.readouterr().err

@@ -153,3 +153,22 @@ def test_cli_error_under_torchrun_is_one_line(tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("addrmem: error:") == 1 and "is not empty" in done.stderr
     assert (tmp_path / "full" / "x").read_text() == "mine"
+
+
+def test_continual_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun -m addrmem continual`: each task's distillation shared out
+    over 2 processes, the same results as one process."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"tasks": 2, "epochs": 1, "batch": 16, "methods": ["replay", "addressable"],
+                                      "distill": {"iterations": 2, "steps": 2, "n_per_c": 2, "real_per_class": 8,
+                                                  "meta_batch": 2}}))
+    done = torchrun("-m", "addrmem", "continual", "--config", str(config), "--out", str(tmp_path / "two"), cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("split-digits: 2 tasks") == 1 and done.stdout.count("device: cpu") == 1
+    single = subprocess.run([sys.executable, "-m", "addrmem", "continual", "--config", str(config), "--out",
+                             str(tmp_path / "one")], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert single.returncode == 0, single.stderr[-3000:]
+    results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("two", "one")]
+    for method in ("replay", "addressable"):
+        assert results[0]["methods"][method]["R"] == results[1]["methods"][method]["R"]
