@@ -453,11 +453,13 @@ class _Distilled(_Method):
     """Each task distilled into its own memory (``image``: an ImageMemory;
     ``addressable``: an AddressableMemory, with bases per task or shared).
 
-    Every task's memory gets an equal share of the budget, budget / tasks
-    (for shared bases, of the budget left after the bases), and as many rows
-    per class as fit in it, at least one; when that overflows the budget
-    (ImageMemory on ``many``: fewer than one image per class per task), the
-    oldest tasks' memories are dropped until it fits.
+    The budget is divided equally among the tasks seen: after task t each
+    of the t+1 memories gets budget / (t+1) floats (for shared bases, of the
+    budget left after the bases) and as many rows per class as fit in it, at
+    least one. A new task's memory is built at that size; the older ones
+    keep the first rows of each class and drop the rest (their bases stay).
+    When one row per class per task overflows the budget (ImageMemory on
+    ``many``), the oldest tasks' memories are dropped until it fits.
     """
 
     def __init__(self, *args):
@@ -481,11 +483,11 @@ class _Distilled(_Method):
         """Floats of one row: K addressing coefficients, or one image."""
         return self.distill.n_bases if self.kind == "addressable" else math.prod(self.stream.image_shape)
 
-    def per_class(self, num_classes: int) -> int:
-        """Rows per class of a task with ``num_classes`` classes (see the class docstring)."""
-        tasks = len(self.stream)
-        share = (self.budget - self.base_floats()) // tasks if self.shared else \
-            self.budget // tasks - self.base_floats()
+    def per_class(self, num_classes: int, seen: int) -> int:
+        """Rows per class of a task with ``num_classes`` classes when ``seen``
+        tasks share the budget (see the class docstring)."""
+        share = (self.budget - self.base_floats()) // seen if self.shared else \
+            self.budget // seen - self.base_floats()
         return max(1, share // (num_classes * self.row_floats()))
 
     def check_budget(self) -> None:
@@ -499,18 +501,32 @@ class _Distilled(_Method):
                              f"is too small for the {self.name} memory: {what} take {need} floats; raise "
                              f"budget_images or lower distill n_bases")
 
-    def build(self, t: int, num_classes: int):
+    def build(self, t: int, num_classes: int, per_class: int):
         draws = generator(self.config.seed, self.name, "init", t)
         if self.kind == "image":
-            memory = ImageMemory(num_classes, self.stream.image_shape, self.per_class(num_classes), generator=draws)
+            memory = ImageMemory(num_classes, self.stream.image_shape, per_class, generator=draws)
         else:
-            memory = AddressableMemory(num_classes, self.stream.image_shape, self.distill.n_bases,
-                                       self.per_class(num_classes), self.distill.downsample, generator=draws)
+            memory = AddressableMemory(num_classes, self.stream.image_shape, self.distill.n_bases, per_class,
+                                       self.distill.downsample, generator=draws)
         return memory.to(*self.distill.device_dtype())
+
+    @torch.no_grad()
+    def keep_rows(self, t: int, memory, per_class: int):
+        """``memory`` of task ``t`` with the first ``per_class`` rows of each class (all its bases)."""
+        if per_class >= memory.per_class:
+            return memory
+        kept = self.build(t, memory.num_classes, per_class)
+        for name, p in memory.named_parameters():
+            if name == "bases":
+                kept.bases.copy_(p)
+            else:  # addresses or images: rows grouped by class
+                rows = p.view(memory.num_classes, memory.per_class, *p.shape[1:])[:, :per_class]
+                getattr(kept, name).copy_(rows.reshape(getattr(kept, name).shape))
+        return kept
 
     def remember(self, t, images, labels):
         classes = self.stream.classes(t)
-        memory = self.build(t, len(classes))
+        memory = self.build(t, len(classes), self.per_class(len(classes), t + 1))
         local = torch.searchsorted(torch.tensor(classes), labels)
         learnt = memory
         if self.shared and self.shared_bases is not None:
@@ -528,6 +544,8 @@ class _Distilled(_Method):
         if self.shared and self.shared_bases is None:
             self.shared_bases = memory.bases.detach().clone()
         self.memories.append((t, classes, memory))
+        self.memories = [(task, c, self.keep_rows(task, m, self.per_class(len(c), t + 1)))
+                         for task, c, m in self.memories]
         while len(self.memories) > 1 and self.num_floats() > self.budget:
             self.memories.pop(0)
         self.cache = None
@@ -573,8 +591,8 @@ class _Distilled(_Method):
 
     def state(self):
         return {**super().state(),
-                "memories": [{"task": t, "classes": c, "state": {k: v.detach().cpu().clone()
-                                                                 for k, v in m.state_dict().items()}}
+                "memories": [{"task": t, "classes": c, "per_class": m.per_class,
+                              "state": {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}}
                              for t, c, m in self.memories],
                 "shared_bases": self.shared_bases}
 
@@ -583,7 +601,7 @@ class _Distilled(_Method):
         self.shared_bases = state["shared_bases"]
         self.memories = []
         for entry in state["memories"]:
-            memory = self.build(entry["task"], len(entry["classes"]))
+            memory = self.build(entry["task"], len(entry["classes"]), entry["per_class"])
             memory.load_state_dict(entry["state"])
             self.memories.append((entry["task"], entry["classes"], memory))
         self.cache = None

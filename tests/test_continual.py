@@ -60,7 +60,7 @@ def test_configs_load_fit_their_budget_and_say_their_rows(path):
     memory.check_budget()
     _Distilled("image", config, stream).check_budget()
     comment = " ".join(line for line in path.read_text().splitlines() if line.startswith("#"))
-    assert f"{memory.per_class(len(stream.classes(0))):,} rows per class" in comment
+    assert f"{memory.per_class(len(stream.classes(0)), len(stream)):,} rows per class" in comment
     if config.benchmark == "split-digits":  # the command's defaults
         default = ContinualConfig()
         assert default.distill_config() == config.distill_config()
@@ -232,7 +232,7 @@ def test_real_init_starts_each_row_from_a_real_image_of_its_class(name):
     method = _Distilled(name, config, stream)
     images, labels = stream.train(1)
     local = labels - 2  # task 1 holds classes 2 and 3
-    memory = method.build(1, 2)
+    memory = method.build(1, 2, 7)
     method.init_from(memory, 1, images, local)
     recalled, rows_local = memory.recall()
     flat = images.flatten(1)
@@ -244,6 +244,31 @@ def test_real_init_starts_each_row_from_a_real_image_of_its_class(name):
     nearest = distance.min(dim=1)
     assert nearest.values.max() < 1e-3
     assert torch.equal(local[nearest.indices], rows_local)
+
+
+@pytest.mark.parametrize("name", ["image", "addressable"])
+def test_the_budget_is_divided_among_the_tasks_seen(name):
+    """After task t every memory holds budget / (t+1): the older ones keep the
+    first rows of each class, and their bases."""
+    config = ContinualConfig(**{**TINY, "tasks": 3})
+    stream = make_stream(config)
+    method = _Distilled(name, config, stream)
+    sizes = []
+    for t in range(3):
+        before = [(task, m) for task, _, m in method.memories]
+        method.remember(t, *stream.train(t))
+        sizes.append([m.per_class for _, _, m in method.memories])
+        assert method.num_floats() <= method.budget
+        for (task, old), (_, _, new) in zip(before, method.memories):
+            for param_name, p in old.named_parameters():
+                q = getattr(new, param_name)
+                if param_name == "bases":
+                    assert torch.equal(p, q)
+                else:
+                    kept = p.view(old.num_classes, old.per_class, *p.shape[1:])[:, :new.per_class]
+                    assert torch.equal(kept.reshape(q.shape), q)
+    assert sizes == [[method.per_class(2, 1)], [method.per_class(2, 2)] * 2, [method.per_class(2, 3)] * 3]
+    assert sizes[0][0] > sizes[1][0] > sizes[2][0]
 
 
 def fails(argv, match):
