@@ -3,7 +3,8 @@
 For each M of ``--meta-batch`` and each seed, distills the job's memory with
 ``meta_batch`` M for ``iterations / M`` outer iterations (so every M
 computes the same number of inner trajectories, ``iterations``), in one
-process, and tests the memory it returns (the best on the validation split)
+process; with ``--equal steps``, for ``iterations`` outer iterations (M
+times the compute: what M processes do in the time one process takes), and tests the memory it returns (the best on the validation split)
 with ``eval_nets`` fresh networks on the test split, as ``addrmem distill``
 does. Prints test accuracy (mean ± std over the networks) per M and seed,
 the mean over seeds, and the distillation's wall time; ``--json PATH``
@@ -17,6 +18,7 @@ never fails on time.
 Usage (from the repository root)::
 
     python benchmarks/meta_batch.py                                # digits, M = 1, 2, 4, seeds 0, 1, 2
+    python benchmarks/meta_batch.py --meta-batch 2,4 --equal steps
     python benchmarks/meta_batch.py --config configs/mnist-ipc1-cpu.yaml --data-root DATA --seeds 0
 """
 
@@ -42,6 +44,8 @@ def parse_args(argv):
     p.add_argument("--config", metavar="FILE.yaml", help="the job (default: the digits preset)")
     p.add_argument("--data-root", metavar="DIR", help="the dataset's folder (not needed for digits)")
     p.add_argument("--meta-batch", default="1,2,4", metavar="M,M,...", help="meta-batches (default: 1,2,4)")
+    p.add_argument("--equal", choices=("compute", "steps"), default="compute",
+                   help="compute: iterations / M outer iterations (default); steps: iterations for every M")
     p.add_argument("--seeds", default="0,1,2", metavar="S,S,...", help="seeds (default: 0,1,2)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -56,7 +60,7 @@ def parse_args(argv):
             config = DistillConfig.from_dict({"data_root": args.data_root}, base=config)
     except (ValueError, OSError) as exc:
         p.error(str(exc).splitlines()[0])
-    bad = [m for m in args.ms if m < 1 or config.iterations % m]
+    bad = [m for m in args.ms if m < 1 or (args.equal == "compute" and config.iterations % m)]
     if bad:
         p.error(f"each meta-batch must divide iterations ({config.iterations}); got {bad}")
     args.job = config
@@ -69,13 +73,17 @@ def main(argv=None) -> int:
     if base.threads:
         torch.set_num_threads(base.threads)
     dataset = load_dataset(base.dataset, base.data_root, zca=base.zca)
-    print(f"job: {args.config or 'the digits preset'}: {base.iterations} trajectories of T = {base.steps} "
-          f"each, {base.eval_nets} test networks; {torch.get_num_threads()} thread(s)")
+    budget = (f"{base.iterations} trajectories" if args.equal == "compute"
+              else f"{base.iterations} outer iterations")
+    print(f"job: {args.config or 'the digits preset'}: {budget} of T = {base.steps} for every M, "
+          f"{base.eval_nets} test networks; {torch.get_num_threads()} thread(s)")
     rows = []
     for m in args.ms:
         for seed in args.seed_list:
-            config = DistillConfig.from_dict(dict(meta_batch=m, iterations=base.iterations // m,
-                                                  eval_every=max(1, base.eval_every // m), seed=seed), base=base)
+            share = m if args.equal == "compute" else 1
+            config = DistillConfig.from_dict(dict(meta_batch=m, iterations=base.iterations // share,
+                                                  eval_every=max(1, base.eval_every // share), seed=seed),
+                                             base=base)
             start = time.perf_counter()
             result = distill(config, dataset, progress=False)
             seconds = time.perf_counter() - start

@@ -57,3 +57,6 @@ def test_meta_batch_at_equal_compute(tmp_path, tiny_yaml, capsys):
     assert all(0 <= r["test_mean"] <= 100 for r in rows)
     with pytest.raises(SystemExit):  # 3 does not divide 4 iterations
         meta_batch.main(["--config", str(tiny_yaml), "--meta-batch", "3"])
+    assert meta_batch.main(["--config", str(tiny_yaml), "--meta-batch", "3", "--seeds", "0", "--equal", "steps",
+                            "--json", str(out)]) == 0
+    assert [(r["meta_batch"], r["iterations"]) for r in json.loads(out.read_text())["rows"]] == [(3, 4)]
