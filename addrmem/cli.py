@@ -163,9 +163,11 @@ def main(argv=None) -> int:
     try:
         command(args)
     except (KeyboardInterrupt, OSError, ValueError, TypeError, FloatingPointError) as exc:
-        if not parallel.is_writer():  # rank 0 says what went wrong, once
-            raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 1)
-        _fail(exc, args)
+        if parallel.is_writer():
+            _fail(exc, args)
+        if not isinstance(exc, KeyboardInterrupt) and not getattr(exc, "raised_on_writer", False):
+            print(f"addrmem: error (rank {parallel.rank()}): {_first_line(exc)}", file=sys.stderr)
+        raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 1)
     finally:
         if parallel.world_size() > 1:
             torch.distributed.destroy_process_group()

@@ -143,7 +143,7 @@ def from_writer(read):
     """``read()`` run on rank 0 and its result sent to every rank; if it
     raises, every rank raises the same exception. Use it for what every rank
     needs from files only rank 0 may be able to see (a checkpoint, a saved
-    config)."""
+    config). On the other ranks the exception has ``raised_on_writer = True``."""
     if world_size() == 1:
         return read()
     box = [None]
@@ -155,5 +155,6 @@ def from_writer(read):
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
     if kind == "error":
+        value.raised_on_writer = True  # rank 0 raises it too, and reports it
         raise value
     return value

@@ -172,3 +172,24 @@ def test_continual_under_torchrun_equals_one_process(tmp_path):
     results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("two", "one")]
     for method in ("replay", "addressable"):
         assert results[0]["methods"][method]["R"] == results[1]["methods"][method]["R"]
+
+
+def test_other_ranks_report_only_their_own_errors(monkeypatch, capsys, tmp_path):
+    from addrmem import cli
+
+    monkeypatch.setattr(parallel, "is_writer", lambda: False)
+    monkeypatch.setattr(parallel, "rank", lambda: 1)
+    with pytest.raises(SystemExit) as stop:  # an error of this rank alone: said, with the rank
+        cli.main(["distill", "--device", "cuda:99", "--out", str(tmp_path / "a")])
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.startswith("addrmem: error (rank 1): device 'cuda:99'")
+
+    def shared_error(*args, **kwargs):
+        exc = FileExistsError("'x' is not empty")
+        exc.raised_on_writer = True  # as from_writer raises rank 0's error on the other ranks
+        raise exc
+
+    monkeypatch.setattr(cli, "run_experiment", shared_error)
+    with pytest.raises(SystemExit) as stop:  # rank 0's error: rank 0 says it, this rank is silent
+        cli.main(["distill", "--out", str(tmp_path / "b")])
+    assert stop.value.code == 1 and capsys.readouterr().err == ""
