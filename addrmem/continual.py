@@ -75,8 +75,8 @@ BENCHMARKS = {
 """benchmark name -> its definition (docs/continual.md, "Benchmarks"); 0 for
 ``train_per_task``/``test_per_task`` means all of a task's images."""
 
-DISTILL_DEFAULTS = dict(network="mlp", n_bases=8, downsample=1, steps=20, n_per_c=5, real_per_class=32,
-                        iterations=100, outer_optimizer="adam", outer_lr=0.03, inner_lr=0.01, inner_momentum=0.9)
+DISTILL_DEFAULTS = dict(network="mlp", n_bases=12, downsample=1, steps=20, n_per_c=5, real_per_class=32,
+                        iterations=10, outer_optimizer="adam", outer_lr=0.003, inner_lr=0.01, inner_momentum=0.9)
 """The :class:`~addrmem.config.DistillConfig` fields a task's distillation
 uses unless ``ContinualConfig.distill`` overrides them (the other fields keep
 DistillConfig's defaults; seed and device come from the continual config)."""
