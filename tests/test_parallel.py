@@ -29,9 +29,16 @@ def torchrun(*args, nproc=2, cwd=None):
     return done
 
 
+def failure(done) -> str:
+    """What a failed command said: its lines that name an error, then the end of its stderr."""
+    lines = (done.stdout + done.stderr).splitlines()
+    named = [line for line in lines if "rror" in line or "xception" in line]
+    return "\n".join(named[-20:] + ["-- end of stderr:"] + done.stderr.splitlines()[-30:])
+
+
 def worker(job, out):
     done = torchrun(WORKER, job, str(out))
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(done)
     return torch.load(out, weights_only=False)
 
 
@@ -112,7 +119,7 @@ def test_resume_under_torchrun_equals_one_uninterrupted_process(tmp_path, digits
     alone = distill_module.distill(config, digits, progress=False)
     out = str(tmp_path / "cut.pt")
     done = torchrun(WORKER, "interrupt", out)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(done)
     assert torch.load(out + ".run/checkpoint.pt", weights_only=True)["iteration"] == 2
     resumed = worker("resume", out)
     for name, value in alone.memory.state_dict().items():
@@ -132,17 +139,17 @@ def test_cli_under_torchrun(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({**tiny(meta_batch=2, threads=1).to_dict(), "iterations": 2}))
     done = torchrun("-m", "addrmem", "distill", "--config", str(config), "--out", str(tmp_path / "two"), cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(done)
     assert done.stdout.count("test accuracy (%)") == 1 and "2 processes" in done.stdout
     single = subprocess.run([sys.executable, "-m", "addrmem", "distill", "--config", str(config), "--out",
                              str(tmp_path / "one")], capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert single.returncode == 0, failure(single)
     results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("two", "one")]
     assert results[0]["methods"] == results[1]["methods"]
     assert DistillConfig.from_yaml(tmp_path / "two" / "config.yaml").meta_batch == 2
     again = torchrun("-m", "addrmem", "distill", "--resume", str(tmp_path / "two"), cwd=ROOT)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, failure(again)
     assert again.stdout.count("test accuracy (%)") == 1
 
 
@@ -163,12 +170,12 @@ def test_continual_under_torchrun_equals_one_process(tmp_path):
                                       "distill": {"iterations": 2, "steps": 2, "n_per_c": 2, "real_per_class": 8,
                                                   "meta_batch": 2}}))
     done = torchrun("-m", "addrmem", "continual", "--config", str(config), "--out", str(tmp_path / "two"), cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(done)
     assert done.stdout.count("split-digits: 2 tasks") == 1 and done.stdout.count("device: cpu") == 1
     single = subprocess.run([sys.executable, "-m", "addrmem", "continual", "--config", str(config), "--out",
                              str(tmp_path / "one")], capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert single.returncode == 0, failure(single)
     results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("two", "one")]
     for method in ("replay", "addressable"):
         assert results[0]["methods"][method]["R"] == results[1]["methods"][method]["R"]
