@@ -97,7 +97,7 @@ class ContinualConfig:
     shuffled batches of ``batch``, each joined by ``replay_batch`` images
     drawn uniformly from the memory of earlier tasks; "retrain": after each
     task, a fresh network trained ``epochs`` epochs on the memory alone,
-    GDumb-style).
+    GDumb-style; ``finetune``, which keeps nothing, on task t alone).
     Addressable memory: ``bases`` ("task": K bases per task; "shared": one set
     learnt on the first task, then frozen). ``init``: where a task's memory
     starts ("real": from the task's real images, see ``_Distilled.init_from``;
@@ -119,8 +119,8 @@ class ContinualConfig:
     methods: list = dataclasses.field(default_factory=lambda: list(METHODS))
     network: str = ""
     hidden: int = 100
-    protocol: str = "replay"
-    epochs: int = 5
+    protocol: str = "retrain"
+    epochs: int = 50
     batch: int = 10
     replay_batch: int = 10
     lr: float = 0.03
@@ -149,9 +149,6 @@ class ContinualConfig:
         if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
             raise ValueError(f"continual config field methods must list distinct methods of "
                              f"{', '.join(METHODS)}; got {self.methods!r}")
-        if self.protocol == "retrain" and "finetune" in self.methods:
-            raise ValueError("protocol retrain trains on the memory alone and finetune has none: "
-                             "drop finetune from methods")
         if self.network and self.network not in NETWORKS:
             raise ValueError(f"continual config field network: unknown network {self.network!r}; known: "
                              f"{', '.join(sorted(NETWORKS))}")
@@ -657,7 +654,8 @@ def _learn(method: _Method, config: ContinualConfig, t: int, images, labels) -> 
     else:
         method.remember(t, images, labels)
         method.net = _learner(config, method.stream)
-        _train(method, config, t, *method.recalled(), None)
+        recalled = method.recalled()  # None for finetune, which keeps nothing: it trains on task t alone
+        _train(method, config, t, *(recalled if recalled is not None else (images, labels)), None)
 
 
 # ---------------------------------------------------------------- the run
