@@ -17,11 +17,11 @@ from addrmem import parallel
 from addrmem.config import DistillConfig
 
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def torchrun(*args, nproc=2, cwd=None):
-    """Run ``args`` under torchrun with ``nproc`` CPU processes; returns the completed process."""
+    """Run ``args`` under torchrun with ``nproc`` CPU processes; returns the completed process. Give a ``cwd``
+    outside the repository for ``-m addrmem``, so that it imports the installed package."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc-per-node={nproc}", *args], capture_output=True, text=True, env=env,
@@ -138,17 +138,17 @@ def test_cli_under_torchrun(tmp_path):
     the results of one process; then --resume of the finished run."""
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({**tiny(meta_batch=2, threads=1).to_dict(), "iterations": 2}))
-    done = torchrun("-m", "addrmem", "distill", "--config", str(config), "--out", str(tmp_path / "two"), cwd=ROOT)
+    done = torchrun("-m", "addrmem", "distill", "--config", str(config), "--out", str(tmp_path / "two"), cwd=tmp_path)
     assert done.returncode == 0, failure(done)
     assert done.stdout.count("test accuracy (%)") == 1 and "2 processes" in done.stdout
     single = subprocess.run([sys.executable, "-m", "addrmem", "distill", "--config", str(config), "--out",
-                             str(tmp_path / "one")], capture_output=True, text=True, cwd=ROOT,
+                             str(tmp_path / "one")], capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert single.returncode == 0, failure(single)
     results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("two", "one")]
     assert results[0]["methods"] == results[1]["methods"]
     assert DistillConfig.from_yaml(tmp_path / "two" / "config.yaml").meta_batch == 2
-    again = torchrun("-m", "addrmem", "distill", "--resume", str(tmp_path / "two"), cwd=ROOT)
+    again = torchrun("-m", "addrmem", "distill", "--resume", str(tmp_path / "two"), cwd=tmp_path)
     assert again.returncode == 0, failure(again)
     assert again.stdout.count("test accuracy (%)") == 1
 
@@ -156,7 +156,7 @@ def test_cli_under_torchrun(tmp_path):
 def test_cli_error_under_torchrun_is_one_line(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("mine")
-    done = torchrun("-m", "addrmem", "distill", "--iterations", "1", "--out", str(tmp_path / "full"), cwd=ROOT)
+    done = torchrun("-m", "addrmem", "distill", "--iterations", "1", "--out", str(tmp_path / "full"), cwd=tmp_path)
     assert done.returncode != 0
     assert done.stderr.count("addrmem: error:") == 1 and "is not empty" in done.stderr
     assert (tmp_path / "full" / "x").read_text() == "mine"
@@ -169,11 +169,11 @@ def test_continual_under_torchrun_equals_one_process(tmp_path):
     config.write_text(yaml.safe_dump({"tasks": 2, "epochs": 1, "batch": 16, "methods": ["replay", "addressable"],
                                       "distill": {"iterations": 2, "steps": 2, "n_per_c": 2, "real_per_class": 8,
                                                   "meta_batch": 2}}))
-    done = torchrun("-m", "addrmem", "continual", "--config", str(config), "--out", str(tmp_path / "two"), cwd=ROOT)
+    done = torchrun("-m", "addrmem", "continual", "--config", str(config), "--out", str(tmp_path / "two"), cwd=tmp_path)
     assert done.returncode == 0, failure(done)
     assert done.stdout.count("split-digits: 2 tasks") == 1 and done.stdout.count("device: cpu") == 1
     single = subprocess.run([sys.executable, "-m", "addrmem", "continual", "--config", str(config), "--out",
-                             str(tmp_path / "one")], capture_output=True, text=True, cwd=ROOT,
+                             str(tmp_path / "one")], capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert single.returncode == 0, failure(single)
     results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("two", "one")]
