@@ -154,36 +154,58 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of the ``addrmem`` command; ``argv`` defaults to
     ``sys.argv[1:]``. Returns 0; exits with a one-line message and status 1
-    on bad input (SystemExit), 130 when interrupted."""
+    on bad input (SystemExit), 130 when interrupted. Under torchrun every
+    process ends through :func:`_leave_group`."""
     args = _parser().parse_args(argv)
     if args.command in ("distill", "continual"):
         parallel.setup()  # under torchrun: join the process group
     command = {"distill": _distill, "show": _show, "eval": _eval, "continual": _continual,
                "query": _query}[args.command]
+    outcome = None  # the SystemExit to end with, if the command failed
     try:
         command(args)
-    except (KeyboardInterrupt, OSError, ValueError, TypeError, FloatingPointError) as exc:
-        if parallel.is_writer():
-            _fail(exc, args)
-        if not isinstance(exc, KeyboardInterrupt) and not getattr(exc, "raised_on_writer", False):
-            print(f"addrmem: error (rank {parallel.rank()}): {_first_line(exc)}", file=sys.stderr)
-        raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 1)
-    finally:
         if parallel.world_size() > 1:
-            torch.distributed.destroy_process_group()
+            torch.distributed.barrier()  # no rank leaves while another still talks to it
+    except (KeyboardInterrupt, OSError, ValueError, TypeError, FloatingPointError) as exc:
+        outcome = _failure(exc, args)
+    if parallel.world_size() > 1:
+        _leave_group(outcome)
+    if outcome is not None:
+        raise outcome
     return 0
 
 
-def _fail(exc, args):
-    """Exit with the one-line message for ``exc`` (status 1), or 130 when interrupted."""
-    if isinstance(exc, KeyboardInterrupt):
+def _failure(exc, args) -> SystemExit:
+    """The exit for ``exc``: its one-line message (status 1), or 130 when
+    interrupted. Rank 0 reports; another rank reports only an error of its own."""
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    if not parallel.is_writer():
+        if not interrupted and not getattr(exc, "raised_on_writer", False):
+            print(f"addrmem: error (rank {parallel.rank()}): {_first_line(exc)}", file=sys.stderr)
+        return SystemExit(130 if interrupted else 1)
+    if interrupted:
         where = {"distill": getattr(args, "out", None), "continual": getattr(args, "run", None)}.get(args.command)
         print(f"\naddrmem: interrupted; continue with: addrmem {args.command} --resume {where}" if where
               else "\naddrmem: interrupted", file=sys.stderr)
-        raise SystemExit(130)
+        return SystemExit(130)
     if isinstance(exc, OSError):
-        raise SystemExit(f"addrmem: error: {_os_error(exc, args)}")
-    raise SystemExit(f"addrmem: error: {_first_line(exc)}")
+        return SystemExit(f"addrmem: error: {_os_error(exc, args)}")
+    return SystemExit(f"addrmem: error: {_first_line(exc)}")
+
+
+def _leave_group(outcome) -> None:
+    """End a torchrun process: leave the process group, say ``outcome``'s
+    message, and exit at once with its status (0 if None). Exiting without
+    the interpreter's teardown keeps the collective library's threads from
+    aborting a process whose work is done."""
+    torch.distributed.destroy_process_group()
+    code = 0 if outcome is None else outcome.code
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _first_line(exc) -> str:
