@@ -26,7 +26,7 @@ from .continual import BENCHMARKS as CONTINUAL_BENCHMARKS
 from .continual import ContinualConfig, make_stream, run_continual
 from .data import DATASETS, load_dataset
 from .evaluation import evaluate
-from .experiment import run_experiment
+from .experiment import METHOD_NAMES, run_experiment
 from .memory import AddressableMemory, load_memory
 from .networks import NETWORKS
 from .query import BUILTIN_MAPS, format_query, load_map, run_query
@@ -57,8 +57,15 @@ _DISTILL_FLAGS = [
      "averages; under torchrun the processes share them out (M at least the number of processes)"),
     ("--inner-lr", "inner_lr", float, "LR", "learning rate of the unrolled inner SGD"),
     ("--outer-lr", "outer_lr", float, "LR", "learning rate of the memory's optimizer"),
+    ("--network", "network", str, "NET", f"network to distill with and test: {', '.join(sorted(NETWORKS))}"),
+    ("--net-width", "net_width", int, "W", "channels of the ConvNet (hidden units of the MLP)"),
+    ("--net-depth", "net_depth", int, "D", "blocks of the ConvNet (hidden layers of the MLP); 0 = its default"),
+    ("--net-norm", "net_norm", str, "NORM", "the ConvNet's normalisation: instance or none"),
+    ("--init", "init", str, "INIT", "where the memories start: xavier (random) or real (real training images; "
+     "for the addressable memory their principal components and coordinates)"),
     ("--eval-arch", "eval_archs", _names, "NET,...", "also test every method with these networks "
-     f"(cross-architecture; any of {', '.join(sorted(NETWORKS))})"),
+     f"(cross-architecture; any of {', '.join(sorted(NETWORKS))}, with options such as "
+     "convnet:width=64:depth=2:norm=none)"),
     ("--seed", "seed", int, "S", "seed of every random draw (one seed, one result)"),
     ("--device", "device", str, "DEVICE", "auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda or "
      "cuda:N"),
@@ -108,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
                                          "and print their test accuracy, mean ± std.")
     ev.add_argument("run", metavar="RUN", help="run folder written by addrmem distill")
     ev.add_argument("--nets", type=int, default=None, help="networks to train (default: the run's eval_nets)")
-    ev.add_argument("--network", default=None, help="architecture to train (default: the run's network)")
+    ev.add_argument("--network", default=None, help="network spec to train, e.g. mlp or convnet:width=64 "
+                    "(default: the run's network)")
     ev.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the run's device)")
 
     cl = commands.add_parser(
@@ -281,11 +289,10 @@ def _distill(args):
 
 def _format_results(results, config) -> str:
     """The results table printed by ``addrmem distill``."""
-    names = {"addressable": "addressable memory ({n_bases} bases, {per_class} per class)",
-             "image": "ImageMemory ({per_class} per class)",
-             "random_real": "random real subset ({images} images)",
-             "full_data": "full training set ({images} images)"}
-    rows = [(names[key].format(n_bases=config.n_bases, **m), m) for key, m in results["methods"].items()]
+    sizes = {"addressable": "{n_bases} bases, {per_class} per class", "image": "{per_class} per class",
+             "random_real": "{images} images", "full_data": "{images} images"}
+    rows = [(f"{METHOD_NAMES[key]} ({sizes[key.replace('_undistilled', '')]})".format(n_bases=config.n_bases, **m), m)
+            for key, m in results["methods"].items()]
     width = max(len(name) for name, _ in rows)
     archs = results["archs"]
     full = results["methods"].get("full_data")
@@ -337,7 +344,7 @@ def _eval(args):
     acc = evaluate(images, labels, dataset, config, nets, split="test", seed=derive_seed(config.seed, "test"),
                    network=args.network, desc="test")
     print(f"test accuracy of {args.run}/memory.pt ({type(memory).__name__}, {len(labels)} images) on "
-          f"{dataset.name}: {acc} % ({nets} {args.network or config.network} networks x "
+          f"{dataset.name}: {acc} % ({nets} {args.network or config.network_spec()} networks x "
           f"{config.eval_epochs} epochs)")
 
 

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from .files import atomic_write_text
-from .networks import NETWORKS
+from .networks import NETWORK_OPTIONS, NETWORKS, network_spec, parse_network
 
 __all__ = ["DistillConfig", "PRESETS", "default_config", "derive_seed", "device_name", "generator",
            "resolve_device"]
@@ -40,11 +40,21 @@ class DistillConfig:
     ``data_root`` (its folder; None for bundled data), ``zca`` (ZCA whitening
     strength, docs/method.md "Preprocessing": 0 = off; the official code
     uses 0.1 for CIFAR and 100 for SVHN).
-    Memory: ``memory`` ("addressable" or "image"), ``ipc`` (storage budget in
+    Memory: ``memory`` ("addressable" or "image"), ``init`` (where it starts:
+    "xavier", random as the official code, or "real", from real training
+    images; see :meth:`addrmem.memory.AddressableMemory.init_from_real`),
+    ``ipc`` (storage budget in
     raw images per class, docs/method.md "The storage budget"), ``n_bases``
     (K), ``downsample`` (ds: bases stored at 1/ds resolution; ignored by
     "image").
-    Inner loop: ``network`` (a name known to :func:`addrmem.networks.make_network`),
+    Inner loop: ``network`` (a name known to :func:`addrmem.networks.make_network`)
+    and its size: ``net_width`` (the ConvNet's channels, the MLP's hidden
+    units), ``net_depth`` (the ConvNet's blocks, the MLP's hidden layers; 0 =
+    the network's default: for the ConvNet 3 on 28-32 px inputs, for the MLP
+    2) and ``net_norm`` (the ConvNet's "instance" norm or "none"); the
+    distillation, the validation and the test all use that network
+    (:meth:`network_spec`), and the other architectures tested are
+    ``eval_archs`` (specs such as "mlp" or "convnet:width=64:depth=2").
     ``steps`` (T), ``inner_lr``, ``inner_momentum``, ``n_per_c`` (rows per
     class per step; capped at the rows the memory has), ``task_classes``
     (classes per outer iteration; 0 = all), ``real_per_class`` (real images
@@ -81,10 +91,14 @@ class DistillConfig:
     data_root: str | None = None
     zca: float = 0.0
     memory: str = "addressable"
+    init: str = "xavier"
     ipc: int = 1
     n_bases: int = 16
     downsample: int = 2
     network: str = "convnet"
+    net_width: int = 128
+    net_depth: int = 0
+    net_norm: str = "instance"
     steps: int = 150
     inner_lr: float = 0.01
     inner_momentum: float = 0.9
@@ -125,23 +139,26 @@ class DistillConfig:
         :func:`resolve_device`); raises TypeError or ValueError naming the
         field. Returns self."""
         check_field_types(self, "config")
-        choices = {"memory": ("addressable", "image"), "augment": ("none", "flip_rotate"),
+        choices = {"memory": ("addressable", "image"), "init": ("xavier", "real"),
+                   "net_norm": ("instance", "none"), "augment": ("none", "flip_rotate"),
                    "outer_optimizer": ("sgd", "adam"), "coeff_reg": ("none", "l1", "l2"),
                    "dtype": ("float32", "float64")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config field {name} must be one of {', '.join(allowed)}; "
                                  f"got {getattr(self, name)!r}")
-        for name in ("ipc", "n_bases", "downsample", "steps", "snapshot_every", "n_per_c", "real_per_class",
+        for name in ("ipc", "n_bases", "net_width", "downsample", "steps", "snapshot_every", "n_per_c", "real_per_class",
                      "iterations", "meta_batch",
                      "eval_every", "val_nets", "eval_nets", "eval_epochs", "eval_batch", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config field {name} must be >= 1; got {getattr(self, name)}")
+        self.network_spec()
         for arch in self.eval_archs:
-            if arch not in NETWORKS:
-                raise ValueError(f"config field eval_archs: unknown network {arch!r}; known: "
-                                 f"{', '.join(sorted(NETWORKS))}")
-        for name in ("task_classes", "seed", "threads", "full_data_epochs"):
+            try:
+                parse_network(arch)
+            except ValueError as exc:
+                raise ValueError(f"config field eval_archs: {exc}") from None
+        for name in ("net_depth", "task_classes", "seed", "threads", "full_data_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field {name} must be >= 0; got {getattr(self, name)}")
         for name in ("inner_lr", "outer_lr", "clip", "eval_lr"):
@@ -155,6 +172,24 @@ class DistillConfig:
         if self.memory == "image" and self.coeff_reg != "none":
             raise ValueError("coeff_reg acts on the addresses: it needs memory: addressable")
         return self
+
+    def network_spec(self) -> str:
+        """The spec (:func:`addrmem.networks.parse_network`) of ``network`` at
+        this config's size: "convnet" at the defaults, e.g.
+        "convnet:width=32:depth=2" otherwise. Raises ValueError naming the
+        field for a network that does not exist or does not take a size
+        field that was changed."""
+        if self.network.lower() not in NETWORKS:
+            raise ValueError(f"config field network: unknown network {self.network!r}; known: "
+                             f"{', '.join(sorted(NETWORKS))}")
+        accepts = NETWORK_OPTIONS.get(self.network.lower(), {})
+        sizes = {"width": (self.net_width, 128), "depth": (self.net_depth, 0), "norm": (self.net_norm, "instance")}
+        changed = {key: value for key, (value, default) in sizes.items() if value != default}
+        for key in changed:
+            if key not in accepts:
+                raise ValueError(f"config field net_{key}: network {self.network} has no {key} setting "
+                                 f"(only {', '.join(f'net_{k}' for k in accepts) or 'none'})")
+        return network_spec(self.network.lower(), **changed)
 
     def device_dtype(self) -> tuple[torch.device, torch.dtype]:
         """The torch device (:func:`resolve_device` of ``device``) and dtype this

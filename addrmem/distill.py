@@ -46,16 +46,21 @@ STREAMS = ("task", "network", "rows", "real", "augment")
 
 
 def build_memory(config: DistillConfig, dataset: Dataset):
-    """The untrained memory of ``config.memory`` kind at ``config.ipc``'s
-    budget for ``dataset``, initialised from the run's "memory" stream, on
-    ``config.device`` in ``config.dtype``. Raises ValueError if it cannot fit."""
+    """The undistilled memory of ``config.memory`` kind at ``config.ipc``'s
+    budget for ``dataset``, on ``config.device`` in ``config.dtype``:
+    Xavier-initialised from the run's "memory" stream, or with ``init: real``
+    started from ``dataset``'s training images (``init_from_real``, drawn
+    from the "memory" stream too). Raises ValueError if it cannot fit."""
     draws = generator(config.seed, "memory")
     if config.memory == "addressable":
         memory = AddressableMemory.from_budget(config.ipc, dataset.num_classes, dataset.image_shape,
                                                config.n_bases, config.downsample, generator=draws)
     else:
         memory = ImageMemory.from_budget(config.ipc, dataset.num_classes, dataset.image_shape, generator=draws)
-    return memory.to(*config.device_dtype())
+    memory = memory.to(*config.device_dtype())
+    if config.init == "real":
+        memory.init_from_real(*dataset.train, draws)
+    return memory
 
 
 def make_outer_optimizer(memory, config: DistillConfig) -> torch.optim.Optimizer:
@@ -101,7 +106,7 @@ def outer_step(memory, optimizer: torch.optim.Optimizer, config: DistillConfig, 
     :func:`make_outer_optimizer`). For each of ``config.meta_batch``
     trajectories m = 0 .. M-1 in turn:
 
-    1. **network**: a fresh ``config.network`` for the memory's image shape
+    1. **network**: a fresh ``config.network_spec()`` network for the memory's image shape
        and classes, seeded from ``generators["network"]``, on the memory's
        device and dtype;
     2. **sample**: the class subset S (``task_classes`` of them, drawn from
@@ -147,7 +152,7 @@ def outer_step(memory, optimizer: torch.optim.Optimizer, config: DistillConfig, 
         with phase("network"):
             net_seed = int(torch.randint(0, 2**62, (1,), generator=generators["network"]))
             if m in mine:
-                net = make_network(config.network, memory.image_shape, num_classes, seed=net_seed)
+                net = make_network(config.network_spec(), memory.image_shape, num_classes, seed=net_seed)
                 net = net.to(first.device, first.dtype)
         with phase("sample"):
             if 0 < config.task_classes < num_classes:

@@ -62,7 +62,7 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, confi
     ``config.dtype``, trained with the soft-label cross-entropy (as
     :mod:`addrmem.query` does).
 
-    Each network (``network``, default ``config.network``) starts from its own
+    Each network (``network``, a spec; default ``config.network_spec()``) starts from its own
     seeded init (network j of seed s is the same for every call, so methods
     compared with the same seed see the same networks) and trains
     ``config.eval_epochs`` epochs of SGD (``eval_lr``, ``eval_momentum``, no
@@ -84,7 +84,7 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, confi
     runs = []
     mine = parallel.shard(n_nets)
     for j in tqdm(mine, desc=desc, leave=False, disable=None if progress and parallel.is_writer() else True):
-        net = make_network(network or config.network, dataset.image_shape, dataset.num_classes,
+        net = make_network(network or config.network_spec(), dataset.image_shape, dataset.num_classes,
                            seed=derive_seed(seed, "net", j)).to(device, dtype)
         draws = generator(seed, "batches", j)
         optimizer = torch.optim.SGD(net.parameters(), lr=config.eval_lr, momentum=config.eval_momentum)

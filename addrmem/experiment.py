@@ -16,17 +16,24 @@ from .config import DistillConfig, derive_seed, device_name, generator
 from .data import Dataset
 from .distill import build_memory, distill
 from .evaluation import evaluate
-from .files import atomic_write_text
+from .files import atomic_write, atomic_write_text
 from .networks import make_network
 from .runs import BASELINE_DIR, create_run_folder
 
-__all__ = ["eval_networks", "run_experiment"]
+__all__ = ["METHOD_NAMES", "eval_networks", "plot_curves", "run_experiment"]
+
+METHOD_NAMES = {"addressable": "addressable memory", "image": "ImageMemory",
+                "addressable_undistilled": "addressable memory, undistilled start",
+                "image_undistilled": "ImageMemory, undistilled start",
+                "random_real": "random real subset", "full_data": "full training set"}
+"""results.json method key -> its name in tables and plots."""
 
 
 def eval_networks(config: DistillConfig) -> list:
-    """The architectures the test split is measured with: ``config.network``,
-    then each other one of ``config.eval_archs``, in order, once each."""
-    return list(dict.fromkeys([config.network, *config.eval_archs]))
+    """The network specs the test split is measured with:
+    ``config.network_spec()``, then each other one of ``config.eval_archs``,
+    in order, once each."""
+    return list(dict.fromkeys([config.network_spec(), *config.eval_archs]))
 
 
 def random_subset(config: DistillConfig, dataset) -> torch.Tensor:
@@ -63,7 +70,7 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
     the folder is written (:func:`addrmem.runs.create_run_folder`). Writes
     ``results.json`` (atomically) and returns
     its dict: ``methods`` maps each name to {"test": Accuracy fields of
-    ``config.network``, "archs": {arch: Accuracy fields}, "num_floats",
+    ``config.network_spec()``, "archs": {spec: Accuracy fields}, "num_floats",
     "images", and for memories "iteration" and "val"}, a function of the
     config alone; ``seconds`` maps each name to {"distill", "test"} seconds
     (wall clock, unrounded), which add up to ``distill_seconds``,
@@ -109,16 +116,20 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
                 for arch in archs}
         return accs, time.perf_counter() - start
 
-    methods, seconds = {}, {}
+    methods, seconds, curves = {}, {}, {}
     for kind, cfg in configs.items():
         folder = run_dir if kind == config.memory else os.path.join(run_dir, BASELINE_DIR)
         result = distill(cfg, dataset, folder, resume=resume, progress=progress)
-        images, labels = result.memory.recall()
-        accs, test_seconds = test(images, labels, kind)
-        methods[kind] = {"test": accs[config.network], "archs": accs, "num_floats": result.memory.num_floats(),
-                         "images": len(labels), "per_class": result.memory.per_class,
-                         "iteration": result.iteration, "val": dataclasses.asdict(result.val)}
-        seconds[kind] = {"distill": result.seconds, "test": test_seconds}
+        curves[kind] = [{"iteration": r["iteration"], "seconds": r["seconds"], "val_mean": r["val_mean"],
+                         "val_std": r["val_std"]} for r in result.log if "val_mean" in r]
+        for name, memory in ((kind, result.memory), (f"{kind}_undistilled", build_memory(cfg, dataset))):
+            images, labels = memory.recall()
+            accs, test_seconds = test(images, labels, name.replace("_", " "))
+            methods[name] = {"test": accs[config.network_spec()], "archs": accs, "num_floats": memory.num_floats(),
+                             "images": len(labels), "per_class": memory.per_class}
+            seconds[name] = {"distill": 0.0, "test": test_seconds}
+        methods[kind].update(iteration=result.iteration, val=dataclasses.asdict(result.val))
+        seconds[kind]["distill"] = result.seconds
     train_images, train_labels = dataset.train
     subset = random_subset(config, dataset)
     references = {"random_real": (subset, config.eval_epochs)}
@@ -126,7 +137,7 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
         references["full_data"] = (torch.arange(len(train_labels)), config.full_data_epochs)
     for kind, (rows, epochs) in references.items():
         accs, test_seconds = test(train_images[rows], train_labels[rows], kind.replace("_", " "), epochs)
-        methods[kind] = {"test": accs[config.network], "archs": accs,
+        methods[kind] = {"test": accs[config.network_spec()], "archs": accs,
                          "num_floats": rows.numel() * math.prod(dataset.image_shape), "images": rows.numel(),
                          "epochs": epochs}
         seconds[kind] = {"distill": 0.0, "test": test_seconds}
@@ -134,13 +145,45 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
     test_seconds = sum(s["test"] for s in seconds.values())
     results = {
         "dataset": dataset.name, "ipc": config.ipc, "seed": config.seed, "iterations": config.iterations,
-        "network": config.network, "archs": archs, "zca": config.zca,
+        "network": config.network_spec(), "archs": archs, "zca": config.zca,
         "eval_nets": config.eval_nets, "eval_epochs": config.eval_epochs, "test_images": len(dataset.test[1]),
-        "methods": methods, "seconds": seconds, "distill_seconds": distill_seconds, "test_seconds": test_seconds,
+        "methods": methods, "curves": curves, "seconds": seconds, "distill_seconds": distill_seconds, "test_seconds": test_seconds,
         "wall_seconds": distill_seconds + test_seconds,
         "device": device_name(config.device_dtype()[0]), "threads": torch.get_num_threads(),
     }
     if parallel.is_writer():
         atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
+        plot_curves(results, os.path.join(run_dir, "curve.png"))
     return results
+
+
+def plot_curves(results: dict, path: str) -> bool:
+    """Draw the validation accuracy of each distilled memory against outer
+    iterations (``results["curves"]``), with the undistilled starts and the
+    references' test accuracy as lines, to the PNG ``path``. Returns False,
+    writing nothing, if matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, points in results["curves"].items():
+        ax.errorbar([p["iteration"] for p in points], [p["val_mean"] for p in points],
+                    yerr=[p["val_std"] for p in points], marker="o", capsize=3, label=f"{METHOD_NAMES[kind]} (val)")
+    for kind, style in (("random_real", ":"), ("full_data", "--")):
+        if kind in results["methods"]:
+            ax.axhline(results["methods"][kind]["test"]["mean"], linestyle=style, color="gray",
+                       label=f"{METHOD_NAMES[kind]} (test)")
+    ax.set_xlabel("outer iteration")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{results['dataset']}, IPC {results['ipc']}, {results['network']}, {results['device']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    return True
 

@@ -159,6 +159,33 @@ class _Memory(nn.Module):
         rows = keys.topk(n_per_c, dim=1).indices + classes.to(draw_device)[:, None] * self.per_class
         return rows.reshape(-1).to(self.device)
 
+    @staticmethod
+    def _check_real(images, labels, num_classes, image_shape):
+        if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+            raise TypeError("images and labels must be tensors")
+        if images.dim() != 4 or tuple(images.shape[1:]) != tuple(image_shape) or not images.is_floating_point():
+            raise ValueError(f"images must be floating (N, {', '.join(map(str, image_shape))}); got "
+                             f"{images.dtype} {tuple(images.shape)}")
+        if labels.shape != images.shape[:1] or labels.dtype != torch.int64:
+            raise ValueError(f"labels must be int64 ({images.shape[0]},); got {labels.dtype} {tuple(labels.shape)}")
+        missing = sorted(set(range(num_classes)) - set(labels.unique().tolist()))
+        if missing or int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes}) and cover every class; "
+                             f"{'missing ' + str(missing) if missing else 'some lie outside'}")
+
+    def _pick_real(self, labels, generator) -> torch.Tensor:
+        """``per_class`` indices of real images of each class, class-major: a
+        random subset without repeats (with repeats where a class has fewer
+        images), drawn from ``generator``."""
+        picks = []
+        for c in range(self.num_classes):
+            members = (labels == c).nonzero().squeeze(1).cpu()
+            if len(members) >= self.per_class:
+                picks.append(members[torch.randperm(len(members), generator=generator)[:self.per_class]])
+            else:
+                picks.append(members[torch.randint(len(members), (self.per_class,), generator=generator)])
+        return torch.cat(picks)
+
     def save(self, path, **extra) -> None:
         """Write the memory to one file, atomically (torch.save of {"kind",
         "config", "state_dict", "extra"}), loadable with :func:`load_memory`.
@@ -239,6 +266,75 @@ class AddressableMemory(_Memory):
             )
         return cls(n, (c, h, w), k, per_class, ds, **kw)
 
+    @torch.no_grad()
+    def init_from_real(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
+                       *, bases: bool = True) -> "AddressableMemory":
+        """Start from real images (docs/method.md, "Starting from real data"),
+        in place; returns self.
+
+        ``images`` (N, C, H, W) floating, ``labels`` (N,) int64 covering every
+        class. With ``bases`` the K bases become the best rank-K basis of the
+        images as this memory can recall them: each image's least-squares
+        low-resolution version Z (the one whose upsampling is closest to it),
+        then the top K principal directions of Z (uncentred, as the memory has
+        no mean term) in the metric of the upsampling, so that
+        ``upsample(a @ bases)`` is the best rank-K recall of the data. Without
+        ``bases`` the current bases are kept (e.g. frozen shared ones). Each
+        row of class c then holds the coordinates of a random real image of
+        class c over the bases (its least-squares address), drawn from
+        ``generator`` without repeats where the class has enough images. The
+        bases are scaled so that bases and addresses have the same RMS, which
+        lets one outer learning rate move both. Raises TypeError or
+        ValueError for images or labels that do not fit.
+        """
+        self._check_real(images, labels, self.num_classes, self.image_shape)
+        param = self.bases
+        picks = self._pick_real(labels, generator)
+        low, metric = self._least_squares_low(images.to(param.device, torch.float64))  # (N, d_low), (d_low, d_low)
+        if bases:
+            _, _, vh = torch.linalg.svd(low @ metric, full_matrices=False)  # metric-orthonormal directions
+            k = min(self.n_bases, vh.shape[0])
+            basis = torch.zeros(self.n_bases, low.shape[1], dtype=torch.float64, device=low.device)
+            basis[:k] = torch.linalg.solve(metric, vh[:k].T).T  # back from the metric's coordinates
+        else:
+            basis = self.bases.detach().reshape(self.n_bases, -1).to(torch.float64)
+        # Least-squares addresses in the metric: argmin_a ||metric (z - a B)||.
+        gram = basis @ metric @ metric @ basis.T
+        coords = torch.linalg.lstsq(gram, basis @ metric @ metric @ low[picks].T).solution.T  # (rows, K)
+        if bases:
+            scale = (coords.square().mean() / basis.square().mean().clamp_min(1e-300)).sqrt().sqrt()
+            scale = float(scale) if float(scale) > 0 else 1.0
+            basis, coords = basis * scale, coords / scale
+            self.bases.copy_(basis.view_as(self.bases).to(param.dtype))
+        self.addresses.copy_(coords.to(param.dtype))
+        return self
+
+    def _least_squares_low(self, images):
+        """(Z (N, d_low), L (d_low, d_low)): the low-resolution images whose
+        upsampling U (this memory's, :func:`addrmem.ops.synthesize`) best fits
+        ``images`` (N, C, H, W), Z = (U^T U)^-1 U^T x, and L = (U^T U)^(1/2),
+        with ||U z|| = ||L z||. U is separable (rows, columns, per channel),
+        so both are built from its 1-D factors."""
+        c, h, w = self.image_shape
+        ds = self.downsample
+        if ds == 1:
+            eye = torch.eye(c * h * w, dtype=images.dtype, device=images.device)
+            return images.reshape(len(images), -1), eye
+
+        def factor(n):  # U_1d (n, n // ds), read off the op itself: the upsampling of each unit vector
+            unit = torch.eye(n // ds, dtype=images.dtype, device=images.device)
+            return synthesize(unit, unit.view(n // ds, 1, n // ds, 1), scale=ds)[:, 0, :, 0].T
+        uh, uw = factor(h), factor(w)
+
+        def sqrt_psd(m):
+            vals, vecs = torch.linalg.eigh(m)
+            return vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
+        pinv_h, pinv_w = torch.linalg.pinv(uh), torch.linalg.pinv(uw)
+        z = torch.einsum("ah,nchw,bw->ncab", pinv_h, images, pinv_w).reshape(len(images), -1)
+        lh, lw = sqrt_psd(uh.T @ uh), sqrt_psd(uw.T @ uw)
+        metric = torch.kron(torch.eye(c, dtype=images.dtype, device=images.device), torch.kron(lh, lw))
+        return z, metric
+
     def config(self) -> dict:
         """The constructor's keyword arguments (without ``generator``)."""
         return {"num_classes": self.num_classes, "image_shape": self.image_shape,
@@ -271,6 +367,18 @@ class ImageMemory(_Memory):
     def from_budget(cls, ipc: int, num_classes: int, image_shape, **kw) -> "ImageMemory":
         """``ipc`` images per class: the budget is spent on the images themselves."""
         return cls(num_classes, image_shape, ipc, **kw)
+
+    @torch.no_grad()
+    def init_from_real(self, images: torch.Tensor, labels: torch.Tensor,
+                       generator: torch.Generator | None = None) -> "ImageMemory":
+        """Start from real images, in place: each slot of class c holds a random
+        real image of class c from ``images`` (N, C, H, W) with ``labels`` (N,)
+        int64 covering every class, drawn from ``generator`` without repeats
+        where the class has enough images. Returns self."""
+        self._check_real(images, labels, self.num_classes, self.image_shape)
+        picks = self._pick_real(labels, generator)
+        self.images.copy_(images[picks].to(self.images))
+        return self
 
     def config(self) -> dict:
         """The constructor's keyword arguments (without ``generator``)."""

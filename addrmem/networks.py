@@ -6,7 +6,12 @@ loop can run them statelessly (:mod:`addrmem.hypergradient`); the
 cross-architecture nets (:class:`AlexNet`, :class:`VGG11`, :class:`ResNet18`)
 are therefore the instance-norm versions of DC/DSA/MTT/RTP, GroupNorm(c, c,
 affine) in place of BatchNorm. To add one, write a builder
-``(image_shape, num_classes) -> nn.Module`` and add it to ``NETWORKS``.
+``(image_shape, num_classes, **options) -> nn.Module`` and add it to
+``NETWORKS`` (its options, if any, to ``NETWORK_OPTIONS``).
+
+A network is named by a spec (:func:`parse_network`): a registry name,
+optionally with size options, e.g. ``"convnet:width=32:depth=3"`` or
+``"convnet:norm=none"`` (the official ConvNetNN).
 
 Input sizes: the cross-architecture nets are built for 28x28 and 32x32 images
 with 1 or 3 channels. AlexNet and VGG11 pad a 28x28 input by two more pixels
@@ -22,11 +27,13 @@ Smallest square inputs: AlexNet 8x8, VGG11 32x32, ResNet18 9x9.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
 
-__all__ = ["AlexNet", "ConvNet", "MLP", "NETWORKS", "ResNet18", "VGG11", "make_network"]
+__all__ = ["AlexNet", "ConvNet", "MLP", "NETWORKS", "NETWORK_OPTIONS", "ResNet18", "VGG11", "make_network",
+           "network_spec", "parse_network"]
 
 
 def _positive_int(name, value, minimum=1):
@@ -298,27 +305,70 @@ class ResNet18(nn.Module):
 
 
 NETWORKS = {
-    "convnet": lambda image_shape, num_classes: ConvNet(image_shape[0], num_classes, image_shape[1:]),
-    "mlp": lambda image_shape, num_classes: MLP(image_shape, num_classes),
+    "convnet": lambda image_shape, num_classes, width=128, depth=None, norm="instance":
+        ConvNet(image_shape[0], num_classes, image_shape[1:], width=width, depth=depth, norm=norm),
+    "mlp": lambda image_shape, num_classes, width=128, depth=2: MLP(image_shape, num_classes, hidden=width,
+                                                                   depth=depth),
     "alexnet": lambda image_shape, num_classes: AlexNet(image_shape[0], num_classes, image_shape[1:]),
     "vgg11": lambda image_shape, num_classes: VGG11(image_shape[0], num_classes, image_shape[1:]),
     "resnet18": lambda image_shape, num_classes: ResNet18(image_shape[0], num_classes, image_shape[1:]),
 }
-"""name -> builder (image_shape (C, H, W), num_classes) -> nn.Module."""
+"""name -> builder (image_shape (C, H, W), num_classes, **options) -> nn.Module."""
+
+NETWORK_OPTIONS = {"convnet": {"width": int, "depth": int, "norm": str}, "mlp": {"width": int, "depth": int}}
+"""name -> the options its spec may set (:func:`parse_network`): the ConvNet's
+``width`` (channels), ``depth`` (blocks) and ``norm`` ("instance" or
+"none"); the MLP's ``width`` (hidden units) and ``depth`` (hidden layers)."""
 
 
-def make_network(name: str, image_shape, num_classes: int, *, seed: int | None = None) -> nn.Module:
-    """A freshly initialised network ``name`` (case-insensitive, a key of
-    ``NETWORKS``) for (C, H, W) images, on the CPU. With ``seed`` its
-    initialisation is reproducible and the global RNG is left untouched;
-    without, it draws from the global RNG (PyTorch default init)."""
-    builder = NETWORKS.get(name.lower())
-    if builder is None:
+def parse_network(spec: str) -> tuple[str, dict]:
+    """A network spec -> (name, options).
+
+    A spec is a name of ``NETWORKS`` (case-insensitive), optionally followed by
+    ``:key=value`` options of :data:`NETWORK_OPTIONS`, e.g. ``"convnet"`` or
+    ``"convnet:width=64:depth=2:norm=none"``. Raises ValueError naming what
+    does not parse (an unknown name or option, a value that is not an int)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a network spec must be a non-empty string; got {spec!r}")
+    name, *items = spec.strip().split(":")
+    name = name.lower()
+    if name not in NETWORKS:
         raise ValueError(f"unknown network {name!r}; known: {sorted(NETWORKS)}")
+    allowed = NETWORK_OPTIONS.get(name, {})
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in allowed:
+            known = (f"its options: {', '.join(f'{k}=...' for k in allowed)}" if allowed
+                     else "it takes no options")
+            raise ValueError(f"network spec {spec!r}: {item!r} is not an option of {name} ({known})")
+        if allowed[key] is int:
+            if not re.fullmatch(r"[0-9]+", value):
+                raise ValueError(f"network spec {spec!r}: {key} must be a whole number; got {value!r}")
+            value = int(value)
+        options[key] = value
+    return name, options
+
+
+def network_spec(name: str, **options) -> str:
+    """The spec of network ``name`` with ``options`` (those that are None left
+    out): ``network_spec("convnet", width=32, depth=None)`` -> "convnet:width=32"."""
+    return ":".join([name] + [f"{k}={v}" for k, v in options.items() if v is not None])
+
+
+def make_network(spec: str, image_shape, num_classes: int, *, seed: int | None = None) -> nn.Module:
+    """A freshly initialised network of ``spec`` (a name of ``NETWORKS`` with
+    optional options, :func:`parse_network`) for (C, H, W) images, on the
+    CPU. With ``seed`` its initialisation is reproducible and the global RNG
+    is left untouched; without, it draws from the global RNG (PyTorch default
+    init). Raises ValueError for a spec that does not parse or a network that
+    does not fit the images."""
+    name, options = parse_network(spec)
+    builder = NETWORKS[name]
     if len(image_shape) != 3:
         raise ValueError(f"image_shape must be (C, H, W); got {image_shape!r}")
     if seed is None:
-        return builder(tuple(image_shape), num_classes)
+        return builder(tuple(image_shape), num_classes, **options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return builder(tuple(image_shape), num_classes)
+        return builder(tuple(image_shape), num_classes, **options)

@@ -228,7 +228,7 @@ def run_query(config: DistillConfig, dataset: Dataset, memories: dict, label_map
               nets: int | None = None, progress: bool = True) -> dict:
     """Compare the training sets for ``label_map``'s new labels (module
     docstring) by the test accuracy of ``nets`` (default
-    ``config.eval_nets``) fresh ``config.network`` networks each, on
+    ``config.eval_nets``) fresh ``config.network_spec()`` networks each, on
     ``dataset``'s test split relabelled through the map.
 
     ``memories`` maps a kind ("addressable", "image") to a memory distilled
@@ -285,7 +285,7 @@ def run_query(config: DistillConfig, dataset: Dataset, memories: dict, label_map
     results = {"dataset": dataset.name, "map": label_map.name,
                "classes": {new: [str(dataset.classes[c]) for c in group]
                            for new, group in zip(label_map.classes, label_map.groups)},
-               "network": config.network, "nets": nets, "ipc": config.ipc, "distilled_ipc": new_ipc,
+               "network": config.network_spec(), "nets": nets, "ipc": config.ipc, "distilled_ipc": new_ipc,
                "test_images": len(new_data.test[1]), "device": str(device), "methods": methods}
     atomic_write_text(os.path.join(out_dir, "query.json"), json.dumps(results, indent=2) + "\n")
     return results

@@ -10,11 +10,10 @@ there, next to the run folder's own files:
   method, network, outer iterations, wall seconds (distillation +
   testing of that method), device, test accuracy mean and std (%) over the
   ``eval_nets`` networks, and the command that produced it;
-* ``curve.json`` and ``curve.png``: the learning curves, validation accuracy
+* ``curve.json``: the learning curves of results.json, validation accuracy
   (mean ± std over ``val_nets`` networks, %) against outer iteration and
-  training seconds, of both distilled memories (the random subset and the
-  full data, tested once, are drawn as horizontal lines); the PNG needs
-  matplotlib;
+  training seconds, of both distilled memories (the run folder's
+  ``curve.png`` draws them, if matplotlib is installed);
 
 and prints the rows as a Markdown table for ``benchmarks/RESULTS.md``. A run
 that is interrupted (or cut by a time limit) continues with the same command
@@ -46,12 +45,7 @@ except ImportError:  # run from a source checkout that is not installed
     import addrmem  # noqa: F401  (puts the checkout on the path)
 from addrmem.data import load_dataset
 from addrmem.config import DistillConfig
-from addrmem.experiment import run_experiment
-from addrmem.runs import BASELINE_DIR, read_log
-
-METHOD_NAMES = {"addressable": "addressable memory", "image": "ImageMemory", "random_real": "random real subset",
-                "full_data": "full data"}
-
+from addrmem.experiment import METHOD_NAMES, run_experiment
 
 def results_rows(results: dict, command: str) -> list:
     """One dict per (method, test architecture) of a results.json dict."""
@@ -65,52 +59,6 @@ def results_rows(results: dict, command: str) -> list:
                          "mean": round(acc["mean"], 2), "std": round(acc["std"], 2), "nets": len(acc["runs"]),
                          "command": command})
     return rows
-
-
-def learning_curves(run_dir: str) -> dict:
-    """{memory kind: [{"iteration", "seconds", "val_mean", "val_std"}, ...]}
-    from the log.jsonl files of a run folder (and of its baseline)."""
-    curves = {}
-    for folder in (run_dir, os.path.join(run_dir, BASELINE_DIR)):
-        log = os.path.join(folder, "log.jsonl")
-        if not os.path.isfile(log):
-            continue
-        kind = DistillConfig.from_yaml(os.path.join(folder, "config.yaml")).memory
-        records = read_log(log)
-        curves[kind] = [{"iteration": r["iteration"], "seconds": r.get("seconds", 0.0),
-                         "val_mean": r["val_mean"], "val_std": r["val_std"]} for r in records if "val_mean" in r]
-    return curves
-
-
-def plot_curves(curves: dict, results: dict, path: str) -> bool:
-    """Draw ``curves`` (and the references of ``results``) to ``path``;
-    False if matplotlib is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, points in curves.items():
-        x = [p["iteration"] for p in points]
-        mean = [p["val_mean"] for p in points]
-        std = [p["val_std"] for p in points]
-        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=f"{METHOD_NAMES[kind]} (validation)")
-    for kind, style in (("random_real", ":"), ("full_data", "--")):
-        if kind in results["methods"]:
-            ax.axhline(results["methods"][kind]["test"]["mean"], linestyle=style, color="gray",
-                       label=f"{METHOD_NAMES[kind]} (test)")
-    ax.set_xlabel("outer iteration")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{results['dataset']}, IPC {results['ipc']}, {results['network']}, {results['device']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 def markdown(rows: list) -> str:
@@ -158,12 +106,11 @@ def main(argv=None) -> int:
         print(f"distill_accuracy.py: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     rows = results_rows(results, command)
-    curves = learning_curves(args.out)
     Path(args.out, "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
-    Path(args.out, "curve.json").write_text(json.dumps(curves, indent=1) + "\n")
-    plotted = plot_curves(curves, results, os.path.join(args.out, "curve.png"))
+    Path(args.out, "curve.json").write_text(json.dumps(results["curves"], indent=1) + "\n")
     print(markdown(rows))
     print(f"\ncommand: {command}")
+    plotted = os.path.exists(os.path.join(args.out, "curve.png"))
     print(f"wrote {args.out}/rows.json, curve.json" + (", curve.png" if plotted else
                                                          " (no curve.png: pip install matplotlib)"))
     return 0

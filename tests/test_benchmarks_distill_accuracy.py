@@ -31,12 +31,14 @@ def test_rows_curves_and_table(script, tmp_path, capsys):
     assert script.main(argv) == 0
     printed = capsys.readouterr().out
     rows = json.loads((out / "rows.json").read_text())
-    assert [r["method"] for r in rows] == ["addressable memory", "ImageMemory", "random real subset", "full data"]
+    assert [r["method"] for r in rows] == ["addressable memory", "addressable memory, undistilled start",
+                                           "ImageMemory", "ImageMemory, undistilled start", "random real subset",
+                                           "full training set"]
     for r in rows:
         assert r["dataset"] == "digits" and r["ipc"] == 1 and r["network"] == "mlp" and r["nets"] == 2
         assert 0 <= r["mean"] <= 100 and r["std"] >= 0 and r["wall_seconds"] >= 0 and r["device"] == "cpu"
         assert "--seed 2" in r["command"]
-    assert rows[0]["iterations"] == 4 and rows[2]["iterations"] is None
+    assert rows[0]["iterations"] == 4 and rows[1]["iterations"] is None and rows[4]["iterations"] is None
     curves = json.loads((out / "curve.json").read_text())
     assert set(curves) == {"addressable", "image"}
     assert [p["iteration"] for p in curves["addressable"]] == [0, 2, 4]

@@ -55,7 +55,7 @@ def test_distill_writes_the_run_folder_and_prints_the_comparison(run, capsys):
     config = yaml.safe_load(open(os.path.join(run, "config.yaml")))
     assert config["seed"] == 3 and config["steps"] == 3 and config["dataset"] == "digits"
     results = json.load(open(os.path.join(run, "results.json")))
-    assert results["iterations"] == 4 and len(results["methods"]) == 4
+    assert results["iterations"] == 4 and len(results["methods"]) == 6
 
 
 def test_show_redraws_the_grids(run, capsys):

@@ -16,13 +16,21 @@ from tiny_run import digits, tiny  # noqa: F401  (digits is a fixture)
 def test_run_experiment_writes_the_run_folder(digits, tmp_path):
     run = tmp_path / "run"
     results = run_experiment(tiny(), digits, str(run), progress=False)
-    assert set(results["methods"]) == {"addressable", "image", "random_real", "full_data"}
+    assert set(results["methods"]) == {"addressable", "image", "addressable_undistilled", "image_undistilled",
+                                       "random_real", "full_data"}
     assert json.loads((run / "results.json").read_text()) == results
-    for name in ("config.yaml", "log.jsonl", "checkpoint.pt", "memory.pt", "bases.png", "recall.png",
+    for name in ("config.yaml", "log.jsonl", "checkpoint.pt", "memory.pt", "bases.png", "recall.png", "curve.png",
                  "baseline-image/memory.pt", "baseline-image/recall.png", "baseline-image/log.jsonl"):
         assert (run / name).is_file(), name
     m = results["methods"]
     assert m["addressable"]["num_floats"] <= m["image"]["num_floats"] == m["random_real"]["num_floats"] == 640
+    for kind in ("addressable", "image"):  # the undistilled start: same storage, its own accuracy, no iteration
+        start = m[f"{kind}_undistilled"]
+        assert start["num_floats"] == m[kind]["num_floats"] and start["images"] == m[kind]["images"]
+        assert "iteration" not in start
+        if m[kind]["iteration"] == 0:  # validation chose the start itself: evaluated alike, the same numbers
+            assert start["test"] == m[kind]["test"]
+        assert [p["iteration"] for p in results["curves"][kind]] == [0, 2, 4]
     assert m["random_real"]["images"] == 10 and m["full_data"]["images"] == len(digits.train[1])
     assert results["device"] == "cpu" and set(results["seconds"]) == set(m)
     with pytest.raises(FileExistsError, match="not empty"):
@@ -48,7 +56,8 @@ def test_seconds_keep_full_precision(digits, tmp_path, monkeypatch):
 def test_the_baseline_of_a_regularised_memory_has_no_regulariser(digits, tmp_path):
     run = tmp_path / "run"
     results = run_experiment(tiny(coeff_reg="l1", iterations=1, full_data_epochs=0), digits, str(run), progress=False)
-    assert set(results["methods"]) == {"addressable", "image", "random_real"}
+    assert set(results["methods"]) == {"addressable", "image", "addressable_undistilled", "image_undistilled",
+                                       "random_real"}
     assert "coeff_reg: none" in (run / "baseline-image" / "config.yaml").read_text()
 
 
@@ -56,7 +65,8 @@ def test_cross_architecture_and_no_full_data(digits, tmp_path):
     config = tiny(eval_archs=["convnet", "mlp"], full_data_epochs=0)
     results = run_experiment(config, digits, str(tmp_path / "run"), progress=False)
     assert results["archs"] == ["mlp", "convnet"]  # the distillation network first, once
-    assert set(results["methods"]) == {"addressable", "image", "random_real"}
+    assert set(results["methods"]) == {"addressable", "image", "addressable_undistilled", "image_undistilled",
+                                       "random_real"}
     for m in results["methods"].values():
         assert set(m["archs"]) == {"mlp", "convnet"} and m["test"] == m["archs"]["mlp"]
         assert len(m["archs"]["convnet"]["runs"]) == 1
