@@ -75,7 +75,11 @@ class DistillConfig:
     networks measure the memory on the validation split; at the end
     ``eval_nets`` networks of each architecture in ``network`` +
     ``eval_archs`` (cross-architecture evaluation) measure each method on
-    the test split. Each network trains ``eval_epochs`` epochs
+    the test split. Each network trains ``eval_epochs`` epochs, or
+    ``eval_steps`` steps if that is set (> 0: every training set then gets
+    the same number of updates, which makes large recalled sets cheap to
+    test on the CPU; a memory of ``eval_batch`` images or fewer gets exactly
+    as many steps as epochs),
     (``full_data_epochs`` on the full training set; 0 skips that reference)
     of SGD (``eval_lr``, ``eval_momentum``) in shuffled batches of
     ``eval_batch``.
@@ -119,6 +123,7 @@ class DistillConfig:
     val_nets: int = 10
     eval_nets: int = 10
     eval_epochs: int = 300
+    eval_steps: int = 0
     eval_batch: int = 640
     eval_lr: float = 0.01
     eval_momentum: float = 0.9
@@ -158,7 +163,7 @@ class DistillConfig:
                 parse_network(arch)
             except ValueError as exc:
                 raise ValueError(f"config field eval_archs: {exc}") from None
-        for name in ("net_depth", "task_classes", "seed", "threads", "full_data_epochs"):
+        for name in ("net_depth", "eval_steps", "task_classes", "seed", "threads", "full_data_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field {name} must be >= 0; got {getattr(self, name)}")
         for name in ("inner_lr", "outer_lr", "clip", "eval_lr"):
