@@ -66,7 +66,11 @@ class DistillConfig:
     averages the hypergradients of M independent inner trajectories, shared
     out over the processes of a torch.distributed run; docs/scaling.md),
     ``outer_optimizer`` ("sgd" or "adam"),
-    ``outer_lr``, ``outer_momentum`` (SGD only), ``clip`` (global grad-norm
+    ``outer_lr``, ``baseline_outer_lr`` (the outer learning rate of the
+    ImageMemory baseline that ``addrmem distill`` distills beside an
+    addressable memory; 0 = ``outer_lr``: free images and addressing
+    coefficients can want different rates, and each should get the one it
+    does best with on the validation split), ``outer_momentum`` (SGD only), ``clip`` (global grad-norm
     clip over all memory parameters), ``coeff_reg`` ("none", "l1" or "l2")
     and ``coeff_reg_alpha``: alpha * dR/dA is added to the addresses'
     gradient, R = ||A||_1 or ||A||_F over the whole address table
@@ -115,6 +119,7 @@ class DistillConfig:
     meta_batch: int = 1
     outer_optimizer: str = "sgd"
     outer_lr: float = 0.1
+    baseline_outer_lr: float = 0.0
     outer_momentum: float = 0.5
     clip: float = 2.0
     coeff_reg: str = "none"
@@ -169,7 +174,8 @@ class DistillConfig:
         for name in ("inner_lr", "outer_lr", "clip", "eval_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"config field {name} must be > 0; got {getattr(self, name)}")
-        for name in ("inner_momentum", "outer_momentum", "eval_momentum", "coeff_reg_alpha", "zca"):
+        for name in ("inner_momentum", "outer_momentum", "eval_momentum", "coeff_reg_alpha", "zca",
+                     "baseline_outer_lr"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"config field {name} must be >= 0; got {getattr(self, name)}")
         if not _DEVICE.fullmatch(self.device):

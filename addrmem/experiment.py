@@ -55,8 +55,10 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
 
     * ``addressable`` (or ``image``): the memory :func:`distill` returns;
     * ``image``: for an addressable config, the ImageMemory baseline distilled
-      the same way, without the coefficient regulariser
-      (``run_dir/baseline-image``);
+      the same way, without the coefficient regulariser and at
+      ``baseline_outer_lr`` if that is set (``run_dir/baseline-image``);
+    * ``addressable_undistilled``, ``image_undistilled``: each memory as it
+      started (:func:`addrmem.distill.build_memory`), tested alike;
     * ``random_real``: ``ipc`` random real training images per class;
     * ``full_data``: the whole training split (``full_data_epochs`` epochs;
       left out if 0).
@@ -82,7 +84,8 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
                          f"{'with' if dataset.zca is not None else 'without'} ZCA: load it with zca=config.zca")
     configs = {config.memory: config}
     if config.memory == "addressable":
-        configs["image"] = dataclasses.replace(config, memory="image", coeff_reg="none")  # it has no addresses
+        configs["image"] = dataclasses.replace(config, memory="image", coeff_reg="none",  # it has no addresses
+                                               outer_lr=config.baseline_outer_lr or config.outer_lr)
     for cfg in configs.values():  # the budget and the networks must fit before anything is written
         build_memory(cfg, dataset)
     for arch in eval_networks(config):
