@@ -13,8 +13,10 @@ whose parts the benchmark times through its ``phase`` hook:
   device), from the outer loop's seeded CPU generators (and, with
   ``--augment``, the iteration's flip/rotate transform);
 - **2+3 hypergradient**: ``addrmem.hypergradient``, which is
-  **2 inner forward** (T SGD-momentum steps), the outer loss on the real
-  batch, and **3 reverse** (T double-backward steps);
+  **2 inner forward** (T SGD-momentum steps, keeping their graphs where
+  they fit), the outer loss on the real batch, and **3 reverse** (T
+  double-backward steps, each after recomputing its step if its graph was
+  not kept);
 - **4 outer update**: the gradients set as ``.grad``, clipped to a global
   norm of 2.0, one step of SGD(lr 0.1, momentum 0.5); it reads the loss, so
   it waits for the GPU.
@@ -451,7 +453,9 @@ def main(argv=None) -> int:
                                                if cuda else " (not measured on the CPU)"))
     k, steps = setting.snapshot_every, setting.steps
     kept = steps + 1 if k == 1 else 2 * -(-steps // k) + k  # weights (and, for k > 1, momenta) held at once
-    print(f"the hypergradient holds at most {kept} weight vectors of {net_params:,} values at once "
+    graphs = ("the inner steps' graphs that fit in half the free memory and, for the other steps, "
+              if k == 1 else "no step graph (snapshot_every > 1) and ")
+    print(f"the hypergradient keeps {graphs}at most {kept} weight vectors of {net_params:,} values at once "
           f"(snapshot_every={k}, T={steps}; by construction, not measured)")
     share = 100 * prof["op"] / prof["iteration"]
     print(f"the fused op (addrmem::synthesize and its backward, outermost calls): {fmt_time(prof['op'])} of the "
