@@ -4,13 +4,26 @@
 Forward: T steps of SGD with momentum (PyTorch semantics: v <- mu*v + g with
 v_0 = 0, w <- w - lr*v; no weight decay, no dampening, no Nesterov) from the
 network's weights, on mean cross-entropy of recalled minibatches; then the
-outer loss on the real batch. Backward: the reverse recurrence of that section, which
-recomputes each step's loss at its stored weights (one double backward per
-step, through the memory's synthesis) instead of keeping T step graphs.
+outer loss on the real batch. Backward: the reverse recurrence of that
+section, one double backward of <g_t, u_{t+1}> per step, through the
+memory's synthesis.
 
-Memory: T+1 flat weight snapshots on the weights' device (T * |w| floats),
-plus one step's graph at a time; with ``snapshot_every=k``, the weights and
-momentum of every k-th step and one segment of k recomputed weights (about
+Two ways to have step t's graph (g_t as a function of w_t and the memory)
+for its double backward, with the same result bit for bit:
+
+- kept: the forward builds it (``create_graph=True``) and keeps it, so the
+  reverse pass only runs the double backward;
+- recomputed: the forward keeps the flat weights w_t (on the weights' device)
+  and the reverse pass rebuilds the step's graph from them, one step at a
+  time: one more forward and backward per step, but |w| floats per step
+  instead of the step's whole graph.
+
+With ``snapshot_every=1`` (the default) the forward keeps the graphs of the
+first steps while they fit in ``graph_budget`` bytes (by default half the
+device's free memory; the size of a graph is measured on the first step) and
+the weights of the others. With ``snapshot_every=k > 1`` no graph is kept: the
+forward keeps the weights and momentum of every k-th step only, and the
+reverse pass recomputes one segment of k weights at a time (about
 (2T/k + k) * |w| floats), for up to T extra inner steps of compute.
 
 Profiling: the forward loop and the reverse loop run inside
@@ -22,6 +35,7 @@ and the argument checks lie outside both.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +77,7 @@ class _FlatNet:
 
 
 def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentum, augment=None,
-                  snapshot_every=1):
+                  snapshot_every=1, graph_budget=None):
     """Outer loss and its exact gradient w.r.t. the memory's parameters.
 
     Args:
@@ -86,7 +100,14 @@ def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentu
             of every k-th inner step only, and the reverse recomputes the
             steps in between, one segment of k at a time: about T/k + k weight
             vectors in memory instead of T + 1, for up to T more inner steps
-            of compute. The result is the same, bit for bit.
+            of compute. No step graph is kept from the forward then. The
+            result is the same, bit for bit.
+        graph_budget: with ``snapshot_every=1``, the bytes the forward may
+            spend keeping the inner steps' graphs (estimated from the tensors
+            the first step's graph saves); the steps beyond it are recomputed
+            in the reverse pass. None (default): half the device's free
+            memory (CUDA: free plus cached by PyTorch; CPU: free RAM); 0:
+            recompute every step. The result is the same, bit for bit.
 
     Returns:
         (loss, grads): the outer loss (0-dim tensor, detached) and a dict from
@@ -102,6 +123,9 @@ def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentu
         raise ValueError(f"momentum must be a finite number >= 0; got {momentum!r}")
     if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
         raise ValueError(f"snapshot_every must be an int >= 1; got {snapshot_every!r}")
+    if graph_budget is not None and (isinstance(graph_budget, bool) or not isinstance(graph_budget, int)
+                                     or graph_budget < 0):
+        raise ValueError(f"graph_budget must be None or an int >= 0 (bytes); got {graph_budget!r}")
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty: the inner loop needs at least one step")
@@ -122,53 +146,108 @@ def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentu
         images, labels = memory(index)
         return flatnet.loss(flat, augment(images), labels)
 
+    # Every inner gradient is taken with create_graph=True, kept or not: that
+    # selects the differentiable backward formulas of some ops (GroupNorm's),
+    # whose bits differ from the plain backward's, and both ways must agree.
+    def step_graph(w, index):
+        """Step t's graph at weights w_t: (w_t as a leaf, g_t with its graph
+        through w_t and the memory)."""
+        flat = w.detach().requires_grad_()
+        (g,) = torch.autograd.grad(step_loss(flat, index), flat, create_graph=True)
+        return flat, g
+
     def advance(w, v, index):
-        """One inner SGD-momentum step from (w_t, v_t); the memory is not
-        differentiated here. Returns (w_{t+1}, v_{t+1})."""
+        """One inner step from (w_t, v_t), keeping no graph and not
+        differentiating the memory. Returns (w_{t+1}, v_{t+1})."""
         flat = w.detach().requires_grad_()
         with torch.no_grad():
             images, labels = memory(index)
             images = augment(images)
-        (g,) = torch.autograd.grad(flatnet.loss(flat, images, labels), flat)
+        (g,) = torch.autograd.grad(flatnet.loss(flat, images, labels), flat, create_graph=True)
+        return update(w, v, g.detach())
+
+    def update(w, v, g):
         v = v.mul(momentum).add_(g)
         return w.add(v, alpha=-lr), v
 
-    # Forward: w_T, keeping (w_t, v_t) at every k-th step t (v only if k > 1).
+    # Forward: w_T, keeping step t's graph (graphs[t]) for t < n_kept, and
+    # (w_t, v_t) at every k-th later step t (kept[t]; v only if k > 1).
     k = snapshot_every
     with record_function("addrmem.inner_forward"):
-        kept = {}
+        graphs, kept = {}, {}
+        n_kept = 0
+        if k == 1:  # the first step's graph, measured to see how many fit
+            first, size = _saved_bytes(lambda: step_graph(w, batches[0]))
+            budget = _free_bytes(w.device) // 2 if graph_budget is None else graph_budget
+            n_kept = min(len(batches), budget // max(size, 1))
+            if n_kept:
+                graphs[0] = first
+            del first  # freed here unless kept
         v = torch.zeros_like(w)
         for t, index in enumerate(batches):
-            if t % k == 0:
-                kept[t] = (w, v.clone() if k > 1 else None)
-            w, v = advance(w, v, index)
+            if t < n_kept:
+                if t not in graphs:
+                    graphs[t] = step_graph(w, index)
+                w, v = update(w, v, graphs[t][1].detach())
+            else:
+                if t % k == 0:
+                    kept[t] = (w, v.clone() if k > 1 else None)
+                w, v = advance(w, v, index)
 
     flat = w.requires_grad_()
     loss = flatnet.loss(flat, augment(real_images), real_labels)
     (dw,) = torch.autograd.grad(loss, flat)
 
     # Reverse: dv = dL/dv_{t+1}, dw = dL/dw_{t+1}; segment by segment from the
-    # last, each segment's weights recomputed from its kept step.
+    # last, each segment's weights recomputed from its kept step, unless its
+    # graph was kept (then k = 1, so the segment is that step alone).
     with record_function("addrmem.reverse"):
         grads = [torch.zeros_like(p) for p in mem_params]
         dv = torch.zeros_like(dw)
         for start in reversed(range(0, len(batches), k)):
             stop = min(start + k, len(batches))
-            w, v = kept.pop(start)
-            weights = [w]
-            for t in range(start, stop - 1):
-                w, v = advance(w, v, batches[t])
-                weights.append(w)
+            if start in kept:
+                w, v = kept.pop(start)
+                weights = [w]
+                for t in range(start, stop - 1):
+                    w, v = advance(w, v, batches[t])
+                    weights.append(w)
             for t in reversed(range(start, stop)):
                 dv.sub_(dw, alpha=lr)
-                flat = weights.pop().requires_grad_()
-                (g,) = torch.autograd.grad(step_loss(flat, batches[t]), flat, create_graph=True)
+                flat, g = graphs.pop(t) if t in graphs else step_graph(weights.pop(), batches[t])
                 h_w, *h_mem = torch.autograd.grad(g, (flat, *mem_params), grad_outputs=dv)
                 dw.add_(h_w)
                 for total, h in zip(grads, h_mem):
                     total.add_(h)
                 dv.mul_(momentum)
     return loss.detach(), dict(zip(mem_names, grads))
+
+
+def _saved_bytes(build):
+    """(build(), the bytes of the distinct storages that the autograd graphs
+    built inside it save for their backward)."""
+    sizes = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        sizes[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = build()
+    return result, sum(sizes.values())
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on ``device``: on CUDA the driver's free
+    memory plus what PyTorch's allocator caches unused; on the CPU the free
+    RAM (0 where the OS does not say, and for other devices)."""
+    if device.type == "cuda":
+        return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                - torch.cuda.memory_allocated(device))
+    if device.type == "cpu" and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return 0
 
 
 def _check_real_batch(images, labels, like, image_shape):

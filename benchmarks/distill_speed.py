@@ -86,13 +86,18 @@ Settings: the default is the README's CIFAR-10 IPC-1 job (docs/method.md,
 ``AddressableMemory.from_budget(1, 10, (3, 32, 32), 16, 2)`` (115 rows per class), ConvNet, T = 150, 32 rows per class per step
 (320 synthetic images), 64 real images per class. ``--quick`` is
 ``outer_step.QUICK``'s tiny job (1x8x8, T = 5) that runs in seconds on a CPU.
-``--net`` picks another network of ``addrmem.networks.NETWORKS``.
+``--cpu-cifar`` is ``outer_step.CPU_CIFAR``, the CPU CIFAR-10 setting (the
+same memory and real batch, ConvNet width 32 depth 3, T = 10, 10 rows per
+class per step). ``--net`` picks another network of
+``addrmem.networks.NETWORKS``, ``--net-width`` and ``--net-depth`` its size.
 
 Usage (from the repository root)::
 
     python benchmarks/distill_speed.py                          # GPU if there is one
     python benchmarks/distill_speed.py --quick --device cpu --dtype float64
     python benchmarks/distill_speed.py --steps 10 --iterations 1 --json out.json
+    OMP_NUM_THREADS=2 python benchmarks/distill_speed.py --cpu-cifar --device cpu --iterations 5
+    python benchmarks/distill_speed.py --cpu-cifar --device cpu --net-width 64 --steps 30
     python benchmarks/distill_speed.py --quick --device cpu --net mlp --fp64-reference
     python benchmarks/distill_speed.py --device cuda --fp64-reference
     python benchmarks/distill_speed.py --device cuda --tf32
@@ -118,14 +123,14 @@ try:
 except ImportError:  # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import addrmem  # noqa: F401
-from addrmem import hypergradient, make_network
+from addrmem import hypergradient
 from addrmem.config import derive_seed, resolve_device
 from addrmem.distill import make_outer_optimizer, outer_generators, outer_step
 from addrmem.networks import NETWORKS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from outer_step import (DEFAULT, QUICK, Job, Stopwatch, device_name, fmt_bytes, fmt_time,  # noqa: E402
-                        run_info)
+from outer_step import (CPU_CIFAR, DEFAULT, QUICK, Job, Stopwatch, add_size_arguments, device_name,  # noqa: E402
+                        fmt_bytes, fmt_time, run_info)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 IMPLEMENTATIONS = ("addrmem", "official")
@@ -301,8 +306,11 @@ def parse_args(argv):
                     "implementation of the official algorithm, and how far their hypergradients differ.",
         epilog="See the module docstring for what is measured and how.",
     )
-    p.add_argument("--quick", action="store_true", help="a tiny digits-like job (1x8x8, T=5) instead of "
-                   "the README's CIFAR-10 IPC-1 job")
+    jobs = p.add_mutually_exclusive_group()
+    jobs.add_argument("--quick", action="store_true", help="a tiny digits-like job (1x8x8, T=5) instead of "
+                      "the README's CIFAR-10 IPC-1 job")
+    jobs.add_argument("--cpu-cifar", action="store_true", help="the CPU CIFAR-10 setting: the README job's "
+                      "memory with ConvNet width 32, T=10, 10 rows per class per step")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda if available, else cpu (default)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
@@ -310,8 +318,10 @@ def parse_args(argv):
                    "only); also reports addrmem's TF32 hypergradient against its float32 one")
     p.add_argument("--fp64-reference", action="store_true", help="float32 only: also compute addrmem's float64 "
                    "hypergradient on the warm-up inputs and report how far each float32 one lies from it")
-    p.add_argument("--steps", type=int, metavar="T", help="inner steps (default: 150, 5 with --quick)")
+    p.add_argument("--steps", type=int, metavar="T", help="inner steps (default: 150, 5 with --quick, 10 with "
+                   "--cpu-cifar)")
     p.add_argument("--net", choices=sorted(NETWORKS), help="network (default: convnet)")
+    add_size_arguments(p)
     p.add_argument("--iterations", type=int, metavar="N", help="timed outer iterations per implementation, "
                    "after one warm-up each (default: 5, 3 with --quick)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (>= 0; default 0)")
@@ -340,8 +350,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = args.device
     cuda = device.type == "cuda"
-    base = QUICK if args.quick else DEFAULT
-    overrides = {"steps": args.steps, "net": args.net}
+    base = QUICK if args.quick else CPU_CIFAR if args.cpu_cifar else DEFAULT
+    overrides = {"steps": args.steps, "net": args.net, "net_width": args.net_width, "net_depth": args.net_depth}
     setting = dataclasses.replace(base, augment=False, **{k: v for k, v in overrides.items() if v is not None})
     iterations = args.iterations or (3 if args.quick else 5)
     try:
@@ -358,11 +368,10 @@ def run(args, job: Job, iterations: int) -> int:
     cuda = device.type == "cuda"
     runners = {"addrmem": Runner("addrmem", memory, job),
                "official": Runner("official", OfficialStyle(memory), job)}
-    net_params = sum(p.numel() for p in make_network(setting.net, setting.image_shape, setting.num_classes,
-                                                     seed=0).parameters())
+    net_params = job.net_weights
     precision = f", TF32 {'on' if args.tf32 else 'off'} (cuBLAS and cuDNN)" if cuda and args.dtype == "float32" else ""
     print(f"distill_speed benchmark on {device_name(device)}, torch {torch.__version__}, {args.dtype}{precision}")
-    print(f"setting {setting.name}: {setting.net} ({net_params:,} weights) on {setting.image_shape} images, "
+    print(f"setting {setting.name}: {job.config.network_spec()} ({net_params:,} weights) on {setting.image_shape} images, "
           f"{setting.num_classes} classes; AddressableMemory ipc {setting.ipc}, K={memory.n_bases}, "
           f"ds={memory.downsample}, {memory.per_class} rows/class; T={setting.steps}, "
           f"{setting.n_per_c * setting.num_classes} synthetic and {setting.real_per_class * setting.num_classes} "

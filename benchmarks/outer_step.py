@@ -13,8 +13,10 @@ whose parts the benchmark times through its ``phase`` hook:
   device), from the outer loop's seeded CPU generators (and, with
   ``--augment``, the iteration's flip/rotate transform);
 - **2+3 hypergradient**: ``addrmem.hypergradient``, which is
-  **2 inner forward** (T SGD-momentum steps), the outer loss on the real
-  batch, and **3 reverse** (T double-backward steps);
+  **2 inner forward** (T SGD-momentum steps, keeping their graphs where
+  they fit), the outer loss on the real batch, and **3 reverse** (T
+  double-backward steps, each after recomputing its step if its graph was
+  not kept);
 - **4 outer update**: the gradients set as ``.grad``, clipped to a global
   norm of 2.0, one step of SGD(lr 0.1, momentum 0.5); it reads the loss, so
   it waits for the GPU.
@@ -53,7 +55,10 @@ Settings: the default is the README's CIFAR-10 IPC-1 job (docs/method.md,
 ``AddressableMemory.from_budget(1, 10, (3, 32, 32), 16, 2)`` (115 rows per
 class), ConvNet width 128 depth 3, T = 150, 32 rows per class per step (320
 synthetic images), 64 real images per class (640) from a pool of 4500 per
-class (CIFAR-10's training split less the 10 % validation split). ``--mnist`` is
+class (CIFAR-10's training split less the 10 % validation split).
+``--cpu-cifar`` is the CPU CIFAR-10 setting (issue 16): the same memory and
+real batch with ConvNet width 32 depth 3 (instance norm), T = 10 and 10 rows
+per class per step (100 synthetic images). ``--mnist`` is
 the MNIST job of ``configs/mnist-ipc1-cpu.yaml`` (28x28 images, K = 16 bases
 at 14x14, 29 rows per class, MLP, T = 100, 29 rows and 64 real images per
 class and step). ``--quick``
@@ -68,6 +73,8 @@ Usage (from the repository root)::
 
     python benchmarks/outer_step.py                         # GPU if there is one
     python benchmarks/outer_step.py --quick --device cpu
+    OMP_NUM_THREADS=2 python benchmarks/outer_step.py --cpu-cifar --device cpu --iterations 3
+    python benchmarks/outer_step.py --cpu-cifar --net-width 64 --steps 30   # wider, longer
     OMP_NUM_THREADS=1 python benchmarks/outer_step.py --mnist --device cpu --iterations 3
     python benchmarks/outer_step.py --mnist --snapshot-every 10   # recompute 9 of every 10 steps
     python benchmarks/outer_step.py --steps 10 --iterations 1 --json out.json
@@ -124,9 +131,14 @@ class Setting:
     pool_per_class: int
     augment: bool
     snapshot_every: int = 1  # the hypergradient keeps every k-th inner step's weights
+    net_width: int = 128  # DistillConfig's net_width and net_depth (0: the network's default depth)
+    net_depth: int = 0
 
 
 DEFAULT = Setting("cifar10-ipc1", (3, 32, 32), 10, 1, 16, 2, "convnet", 150, 32, 64, 4500, False)
+# The CPU CIFAR-10 setting of issue 16: the README job's memory, ConvNet width 32, T=10, 10 rows per class.
+CPU_CIFAR = Setting("cifar10-ipc1-cpu", (3, 32, 32), 10, 1, 16, 2, "convnet", 10, 10, 64, 4500, False,
+                    net_width=32)
 QUICK = Setting("quick", (1, 8, 8), 10, 1, 4, 2, "convnet", 5, 4, 8, 100, False)
 # configs/mnist-ipc1-cpu.yaml's job: K=16 bases at 14x14 for 28x28 images (29 rows per class), MLP, T=100.
 MNIST = Setting("mnist-ipc1-cpu", (1, 28, 28), 10, 1, 16, 2, "mlp", 100, 29, 64, 500, False)
@@ -135,17 +147,22 @@ OPS = ("addrmem::synthesize", "addrmem::synthesize_backward")  # the fused op's 
 
 class Job:
     """What outer iterations work on: the setting's distillation config
-    (``OFFICIAL`` with the setting's network, T, rows and real images per
+    (``OFFICIAL`` with the setting's network and its size, T, rows and real images per
     class, augmentation), memory, outer optimizer, real pool
     (``pool_per_class`` random images per class) and the outer loop's
-    generators, all from ``seed``; the memory and pool on ``device``."""
+    generators, all from ``seed``; the memory and pool on ``device``;
+    ``net_weights``, the network's number of weights. Raises ValueError for
+    a setting that does not fit (e.g. a network too deep for the images)."""
 
     def __init__(self, setting: Setting, device: torch.device, dtype: torch.dtype, seed: int):
         self.setting, self.device, self.dtype, self.seed = setting, device, dtype, seed
-        self.config = dataclasses.replace(OFFICIAL, network=setting.net, steps=setting.steps,
+        self.config = dataclasses.replace(OFFICIAL, network=setting.net, net_width=setting.net_width,
+                                          net_depth=setting.net_depth, steps=setting.steps,
                                           n_per_c=setting.n_per_c, real_per_class=setting.real_per_class,
                                           augment="flip_rotate" if setting.augment else "none",
                                           snapshot_every=setting.snapshot_every)
+        net = make_network(self.config.network_spec(), setting.image_shape, setting.num_classes, seed=0)
+        self.net_weights = sum(p.numel() for p in net.parameters())
         g = torch.Generator().manual_seed(seed)
         memory = AddressableMemory.from_budget(setting.ipc, setting.num_classes, setting.image_shape,
                                                setting.n_bases, setting.downsample, generator=g)
@@ -321,6 +338,27 @@ def run_info(setting: Setting, memory, net_params: int, device: torch.device, dt
     }
 
 
+def at_least(minimum: int):
+    """An argparse type: an int >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int; got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}; got {value}")
+        return value
+    return parse
+
+
+def add_size_arguments(p: argparse.ArgumentParser) -> None:
+    """--net-width and --net-depth (DistillConfig's net_width and net_depth)."""
+    p.add_argument("--net-width", type=at_least(1), metavar="W", help="the ConvNet's channels or the MLP's hidden units "
+                   "(default: 128, 32 with --cpu-cifar)")
+    p.add_argument("--net-depth", type=at_least(0), metavar="D", help="the ConvNet's blocks or the MLP's hidden layers "
+                   "(default: the network's own)")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -336,15 +374,19 @@ def parse_args(argv):
     jobs = p.add_mutually_exclusive_group()
     jobs.add_argument("--quick", action="store_true", help="a tiny digits-like job (1x8x8, T=5) instead of "
                       "the README's CIFAR-10 IPC-1 job")
+    jobs.add_argument("--cpu-cifar", action="store_true", help="the CPU CIFAR-10 setting: the README job's "
+                      "memory with ConvNet width 32, T=10, 10 rows per class per step")
     jobs.add_argument("--mnist", action="store_true", help="configs/mnist-ipc1-cpu.yaml's job (28x28, K=16 "
                       "bases at 14x14, 29 rows per class, MLP, T=100) instead of the CIFAR-10 one")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda if available, else cpu (default)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    p.add_argument("--steps", type=int, metavar="T", help="inner steps (default: 150, 5 with --quick)")
+    p.add_argument("--steps", type=int, metavar="T", help="inner steps (default: 150, 5 with --quick, 10 with "
+                   "--cpu-cifar, 100 with --mnist)")
     p.add_argument("--n-per-c", type=int, metavar="N",
-                   help="memory rows per class per inner step (default: 32, 4 with --quick)")
+                   help="memory rows per class per inner step (default: 32, 4 with --quick, 10 with --cpu-cifar)")
     p.add_argument("--net", choices=sorted(NETWORKS), help="network (default: convnet)")
+    add_size_arguments(p)
     p.add_argument("--augment", action="store_true", help="flip/rotate augmentation (docs/method.md)")
     p.add_argument("--snapshot-every", type=int, metavar="K",
                    help="keep every K-th inner step's weights, recompute the others (default: 1, keep all)")
@@ -368,9 +410,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = args.device
     cuda = device.type == "cuda"
-    base = QUICK if args.quick else MNIST if args.mnist else DEFAULT
+    base = QUICK if args.quick else MNIST if args.mnist else CPU_CIFAR if args.cpu_cifar else DEFAULT
     overrides = {"steps": args.steps, "n_per_c": args.n_per_c, "net": args.net,
-                 "snapshot_every": args.snapshot_every}
+                 "snapshot_every": args.snapshot_every, "net_width": args.net_width, "net_depth": args.net_depth}
     setting = dataclasses.replace(base, augment=args.augment,
                                   **{k: v for k, v in overrides.items() if v is not None})
     iterations = args.iterations or (3 if args.quick else 5)
@@ -380,10 +422,9 @@ def main(argv=None) -> int:
         print(f"outer_step.py: error: {exc}", file=sys.stderr)
         return 2
     memory = job.memory
-    net_params = sum(p.numel() for p in make_network(setting.net, setting.image_shape, setting.num_classes,
-                                                     seed=0).parameters())
+    net_params = job.net_weights
     print(f"outer_step benchmark on {device_name(device)}, torch {torch.__version__}, {args.dtype}")
-    print(f"setting {setting.name}: {setting.net} ({net_params:,} weights) on {setting.image_shape} images, "
+    print(f"setting {setting.name}: {job.config.network_spec()} ({net_params:,} weights) on {setting.image_shape} images, "
           f"{setting.num_classes} classes; AddressableMemory ipc {setting.ipc}, K={memory.n_bases}, "
           f"ds={memory.downsample}, {memory.per_class} rows/class; T={setting.steps}, "
           f"{setting.n_per_c * setting.num_classes} synthetic and {setting.real_per_class * setting.num_classes} "
@@ -412,7 +453,9 @@ def main(argv=None) -> int:
                                                if cuda else " (not measured on the CPU)"))
     k, steps = setting.snapshot_every, setting.steps
     kept = steps + 1 if k == 1 else 2 * -(-steps // k) + k  # weights (and, for k > 1, momenta) held at once
-    print(f"the hypergradient holds at most {kept} weight vectors of {net_params:,} values at once "
+    graphs = ("the inner steps' graphs that fit in half the free memory and, for the other steps, "
+              if k == 1 else "no step graph (snapshot_every > 1) and ")
+    print(f"the hypergradient keeps {graphs}at most {kept} weight vectors of {net_params:,} values at once "
           f"(snapshot_every={k}, T={steps}; by construction, not measured)")
     share = 100 * prof["op"] / prof["iteration"]
     print(f"the fused op (addrmem::synthesize and its backward, outermost calls): {fmt_time(prof['op'])} of the "

@@ -103,7 +103,15 @@ def test_help(capsys):
     assert exc.value.code == 0 and "--iterations" in out and "--tf32" in out
 
 
+def test_network_size(tmp_path):
+    result = run_quick(tmp_path, "--dtype", "float64", "--steps", "2", "--net-width", "4", "--net-depth", "2")
+    assert (result["setting"]["net_width"], result["setting"]["net_depth"]) == (4, 2)
+    for name in ("bases", "addresses"):
+        assert result["hypergradient_difference"][name]["rel"] < 1e-10
+
+
 BAD = [["--iterations", "0"], ["--steps", "-1"], ["--dtype", "bfloat16"], ["--seed", "-1"],
+       ["--net-width", "0"], ["--net-depth", "-1"], ["--cpu-cifar"],
        ["--net", "nonet"], ["--device", "tpu"], ["--fp64-reference", "--dtype", "float64"],
        ["--tf32", "--device", "cpu"], ["--tf32", "--dtype", "float64"]]
 

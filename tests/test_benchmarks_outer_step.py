@@ -56,16 +56,34 @@ def test_overrides_and_help(tmp_path, capsys):
                             "--net", "mlp", "--augment", "--dtype", "float64", "--json", str(path)]) == 0
     setting = json.loads(path.read_text())["setting"]
     assert (setting["steps"], setting["n_per_c"], setting["net"], setting["augment"]) == (1, 2, "mlp", True)
+    assert outer_step.main(["--quick", "--device", "cpu", "--iterations", "1", "--steps", "1", "--net-width", "4",
+                            "--net-depth", "1", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert (result["setting"]["net_width"], result["setting"]["net_depth"]) == (4, 1)
+    assert result["net_weights"] == 4 * 9 + 4 + 4 + 4 + 4 * 16 * 10 + 10  # conv, norm, linear on 4x4 maps
     with pytest.raises(SystemExit) as exc:
         outer_step.main(["--help"])
     assert exc.value.code == 0 and "--iterations" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["--iterations", "0"], ["--steps", "-1"], ["--dtype", "int8"]])
+def test_cpu_cifar_preset():
+    setting = load_script().CPU_CIFAR
+    assert (setting.image_shape, setting.n_bases, setting.downsample, setting.net, setting.net_width,
+            setting.net_depth, setting.steps, setting.n_per_c, setting.real_per_class) == (
+        (3, 32, 32), 16, 2, "convnet", 32, 0, 10, 10, 64)
+
+
+@pytest.mark.parametrize("argv", [["--iterations", "0"], ["--steps", "-1"], ["--dtype", "int8"],
+                                  ["--net-width", "0"], ["--net-depth", "-1"], ["--cpu-cifar", "--mnist"]])
 def test_bad_arguments(argv):
     with pytest.raises(SystemExit) as exc:
         load_script().main(["--quick", "--device", "cpu", *argv])
     assert exc.value.code == 2
+
+
+def test_a_network_too_deep_for_the_images_is_refused(capsys):
+    assert load_script().main(["--quick", "--device", "cpu", "--net-depth", "4"]) == 2
+    assert "error:" in capsys.readouterr().err
 
 
 def test_n_per_c_beyond_the_memory_is_refused(capsys):

@@ -1,7 +1,10 @@
 """addrmem.hypergradient against autograd through the fully unrolled inner
-loop (float64), and against torch.optim.SGD for the forward pass."""
+loop (float64), against the plain per-step recomputation it replaced, and
+against torch.optim.SGD for the forward pass; its ways of having the step
+graphs (kept from the forward, recomputed, snapshots) agree bit for bit."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from addrmem.networks import MLP, ConvNet
 from addrmem.ops import synthesize_reference
 
 SHAPE, CLASSES, LR = (3, 8, 8), 3, 0.1
+hg = importlib.import_module("addrmem.hypergradient")  # the module: addrmem.hypergradient is the function
 
 
 def gen(seed=0):
@@ -119,6 +123,61 @@ def test_unsampled_rows_get_no_gradient():
     assert grads["addresses"][~used].abs().max() == 0 and grads["addresses"][used].abs().min() > 0
 
 
+def recomputed(memory, net, batches, real_images, real_labels, momentum, augment):
+    """The hypergradient as addrmem computed it before the step graphs were
+    kept: a forward without graphs, then per step from the last the step's
+    loss recomputed at its stored weights, g with create_graph=True and one
+    double backward of <g, dv>."""
+    names = [n for n, _ in net.named_parameters()]
+    mem_params = list(memory.parameters())
+
+    def loss_at(w, images, labels):
+        return F.cross_entropy(functional_call(net, dict(zip(names, w)), (augment(images),)), labels)
+
+    w = [p.detach().clone() for p in net.parameters()]
+    v = [torch.zeros_like(t) for t in w]
+    weights = []
+    for index in batches:
+        weights.append(w)
+        leaf = [t.clone().requires_grad_() for t in w]
+        images = reference_images(memory, index).detach()
+        g = torch.autograd.grad(loss_at(leaf, images, memory.labels[index]), leaf)
+        v = [momentum * vi + gi for vi, gi in zip(v, g)]
+        w = [wi - LR * vi for wi, vi in zip(w, v)]
+    leaf = [t.clone().requires_grad_() for t in w]
+    loss = loss_at(leaf, real_images, real_labels)
+    dw = list(torch.autograd.grad(loss, leaf))
+    dv = [torch.zeros_like(t) for t in dw]
+    grads = [torch.zeros_like(p) for p in mem_params]
+    for index, w in zip(reversed(batches), reversed(weights)):
+        dv = [d - LR * e for d, e in zip(dv, dw)]
+        leaf = [t.clone().requires_grad_() for t in w]
+        images = reference_images(memory, index)
+        g = torch.autograd.grad(loss_at(leaf, images, memory.labels[index]), leaf, create_graph=True)
+        h = torch.autograd.grad(g, leaf + mem_params, grad_outputs=dv)
+        dw = [d + e for d, e in zip(dw, h[:len(leaf)])]
+        grads = [a + e for a, e in zip(grads, h[len(leaf):])]
+        dv = [momentum * d for d in dv]
+    return loss.detach(), dict(zip([n for n, _ in memory.named_parameters()], grads))
+
+
+@pytest.mark.parametrize("net_kind", ["convnet", "mlp"])
+@pytest.mark.parametrize("graph_budget", [None, 0])
+def test_float64_unchanged_by_keeping_the_step_graphs(net_kind, graph_budget):
+    # The speed work (step graphs kept from the forward) against the plain
+    # per-step recomputation of before it, within 1e-10.
+    memory, net = make_memory("addressable"), make_net(net_kind)
+    batches, real_images, real_labels = make_problem(memory)
+    aug = AUGMENTS["flip_rotate"]
+    loss, grads = hypergradient(memory, net, batches, real_images, real_labels, lr=LR, momentum=0.9, augment=aug,
+                                graph_budget=graph_budget)
+    ref_loss, ref_grads = recomputed(memory, net, batches, real_images, real_labels, 0.9, aug)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for name, ref in ref_grads.items():
+        assert ref.abs().max() > 1e-6
+        torch.testing.assert_close(grads[name], ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))
+
+
 def test_float32_agrees_with_float64():
     memory64, net64 = make_memory("addressable"), make_net("convnet")
     batches, real_images, real_labels = make_problem(memory64)
@@ -181,23 +240,56 @@ def test_cuda_matches_cpu(memory_kind):
         torch.testing.assert_close(grads_c[name].cpu(), g, rtol=1e-8, atol=1e-8 * float(g.abs().max()))
 
 
-@pytest.mark.parametrize("k", [2, 3, 7, 50])
-def test_snapshot_every_k_gives_the_same_result_bit_for_bit(k):
-    # Keeping every k-th step's weights and recomputing the rest changes the
-    # memory needed, not one bit of the result (T=7: segments of 2, 3, 7, and
-    # k beyond T).
+def seven_steps(net_kind):
+    """(memory, net, batches, real, labels, augment): T=7 on 1x6x6 images, float32."""
     g = torch.Generator().manual_seed(5)
     memory = AddressableMemory(3, (1, 6, 6), n_bases=4, per_class=5, downsample=2, generator=g)
-    net = MLP((1, 6, 6), 3, hidden=8, depth=1)
+    torch.manual_seed(6)
+    net = MLP((1, 6, 6), 3, hidden=8, depth=1) if net_kind == "mlp" else ConvNet(1, 3, 6, width=4, depth=2)
     batches = [memory.sample_index(range(3), 2, g) for _ in range(7)]
     real = torch.randn(9, 1, 6, 6, generator=g)
     labels = torch.arange(3).repeat(3)
-    augment = SiameseAugment.draw(torch.Generator().manual_seed(1))
+    return memory, net, batches, real, labels, SiameseAugment.draw(torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("net_kind", ["mlp", "convnet"])
+@pytest.mark.parametrize("how", [dict(snapshot_every=2), dict(snapshot_every=3), dict(snapshot_every=7),
+                                 dict(snapshot_every=50), dict(graph_budget=0), dict(graph_budget=2500)])
+def test_every_way_gives_the_same_result_bit_for_bit(net_kind, how, monkeypatch):
+    # Keeping every step's graph (the default here), keeping none, keeping
+    # the first two (a budget of 2.5 steps at a reported 1000 bytes each) and
+    # keeping every k-th step's weights (T=7: segments of 2, 3, 7, and k beyond
+    # T) change the memory needed and the time, not one bit of the result.
+    # The ConvNet's GroupNorm backs up the create_graph=True of every inner gradient.
+    memory, net, batches, real, labels, augment = seven_steps(net_kind)
     want = hypergradient(memory, net, batches, real, labels, lr=0.1, momentum=0.9, augment=augment)
-    got = hypergradient(memory, net, batches, real, labels, lr=0.1, momentum=0.9, augment=augment, snapshot_every=k)
+    measure = hg._saved_bytes
+    monkeypatch.setattr(hg, "_saved_bytes", lambda build: (measure(build)[0], 1000))
+    got = hypergradient(memory, net, batches, real, labels, lr=0.1, momentum=0.9, augment=augment, **how)
     assert torch.equal(got[0], want[0])
     for name in want[1]:
         assert torch.equal(got[1][name], want[1][name]), name
+
+
+@pytest.mark.parametrize("graph_budget, recalls", [(None, 7), (2500, 7 + 5), (0, 1 + 7 + 7)])
+def test_kept_graphs_are_not_recomputed(graph_budget, recalls, monkeypatch):
+    # The memory is recalled once per step when every graph is kept, and
+    # again in the reverse pass for each step whose graph was not (with none
+    # kept, the first step is built once more: its graph was measured).
+    memory, net, batches, real, labels, _ = seven_steps("convnet")
+    measure = hg._saved_bytes
+    monkeypatch.setattr(hg, "_saved_bytes", lambda build: (measure(build)[0], 1000))
+    calls = []
+    memory.register_forward_hook(lambda *args: calls.append(1))
+    hypergradient(memory, net, batches, real, labels, lr=0.1, momentum=0.9, graph_budget=graph_budget)
+    assert len(calls) == recalls
+
+
+def test_saved_bytes_counts_each_storage_once():
+    x = torch.randn(10, 10, requires_grad=True)
+    (y, z), size = hg._saved_bytes(lambda: (x * x, x.exp()))  # x saved twice, exp's output once
+    assert size == 2 * 100 * 4
+    assert hg._free_bytes(torch.device("cpu")) > 0
 
 
 @pytest.mark.parametrize("k", [0, 1.5, True])
@@ -207,3 +299,12 @@ def test_snapshot_every_must_be_a_positive_int(k):
     with pytest.raises(ValueError, match="snapshot_every"):
         hypergradient(memory, net, [torch.tensor([0, 2])], torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]), lr=0.1,
                       momentum=0.9, snapshot_every=k)
+
+
+@pytest.mark.parametrize("budget", [-1, 1.5, True])
+def test_graph_budget_must_be_none_or_bytes(budget):
+    memory = AddressableMemory(2, (1, 4, 4), n_bases=2, per_class=2)
+    net = MLP((1, 4, 4), 2, hidden=4, depth=1)
+    with pytest.raises(ValueError, match="graph_budget"):
+        hypergradient(memory, net, [torch.tensor([0, 2])], torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]), lr=0.1,
+                      momentum=0.9, graph_budget=budget)
