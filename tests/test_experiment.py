@@ -1,5 +1,6 @@
 """addrmem.experiment: the comparison of methods and its run folder."""
 
+import dataclasses
 import itertools
 import json
 import time
@@ -101,3 +102,20 @@ def test_run_folder_under_a_regular_file(digits, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
         run_experiment(tiny(), digits, str(tmp_path / "file" / "run"), progress=False)
+
+
+def test_real_start_is_the_undistilled_row(digits, tmp_path):
+    """With init: real both memories start from real images, and the undistilled
+    rows test exactly those starts: an ImageMemory start of real digits is a
+    random real subset of its own (other draws than the random_real row)."""
+    from addrmem.distill import build_memory
+
+    config = tiny(init="real", full_data_epochs=0)
+    results = run_experiment(config, digits, str(tmp_path / "run"), progress=False)
+    start = build_memory(dataclasses.replace(config, memory="image"), digits)
+    train = digits.train[0].flatten(1)
+    nearest = torch.cdist(start.recall()[0].flatten(1), train, compute_mode="donot_use_mm_for_euclid_dist").min(1)
+    assert nearest.values.max() == 0
+    m = results["methods"]
+    assert m["image_undistilled"]["images"] == m["random_real"]["images"] == 10
+    assert m["addressable_undistilled"]["num_floats"] == m["addressable"]["num_floats"]
