@@ -24,7 +24,7 @@ import yaml
 from .files import atomic_write_text
 from .networks import NETWORK_OPTIONS, NETWORKS, network_spec, parse_network
 
-__all__ = ["DistillConfig", "PRESETS", "default_config", "derive_seed", "device_name", "generator",
+__all__ = ["DistillConfig", "FieldTypeError", "PRESETS", "default_config", "derive_seed", "device_name", "generator",
            "resolve_device"]
 
 
@@ -267,11 +267,17 @@ def check_known_fields(cls, values, label: str) -> None:
         raise ValueError(f"unknown {label} field(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(known))}")
 
 
+class FieldTypeError(TypeError, ValueError):
+    """A config field of the wrong type: a TypeError, and a ValueError too,
+    since it is bad input (a config file's value) that the command reports
+    in one line."""
+
+
 def check_field_types(config, label: str) -> None:
     """Check that every field of the dataclass ``config`` has its annotated
     type ("int", "float", "str", "str | None", "list...", "dict"; an int is
     accepted, and stored, as a float; floats must be finite). Raises
-    TypeError or ValueError naming ``label`` and the field."""
+    :class:`FieldTypeError` or ValueError naming ``label`` and the field."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if value is None and field.type == "str | None":
@@ -282,7 +288,7 @@ def check_field_types(config, label: str) -> None:
             value = float(value)
             setattr(config, field.name, value)
         if isinstance(value, bool) or not isinstance(value, kind):
-            raise TypeError(f"{label} field {field.name} must be {field.type}; got {value!r}")
+            raise FieldTypeError(f"{label} field {field.name} must be {field.type}; got {value!r}")
         if kind is float and not math.isfinite(value):
             raise ValueError(f"{label} field {field.name} must be a finite number; got {value}")
 

@@ -48,7 +48,7 @@ from .evaluation import accuracy
 from .files import atomic_write, atomic_write_text
 from .memory import AddressableMemory, ImageMemory
 from .networks import MLP, NETWORKS, make_network
-from .runs import create_run_folder, load_checkpoint, save_checkpoint
+from .runs import load_checkpoint, open_run_folder, report_state, save_checkpoint
 
 __all__ = ["BENCHMARKS", "DISTILL_DEFAULTS", "METHODS", "ContinualConfig", "Stream", "make_stream", "metrics", "plot",
            "run_continual"]
@@ -668,8 +668,10 @@ def run_continual(config: ContinualConfig, run_dir: str | None = None, resume: b
     For task t = 0 .. T-1: each method learns task t (:class:`ContinualConfig`
     ``protocol``) and stores it in its memory; then each is tested on tasks
     0 .. t, giving row t of its matrix R (R[t][j] is null for j > t). With
-    ``run_dir`` it checkpoints after each task (``resume=True`` continues
-    from the last checkpoint with the result of an uninterrupted run) and
+    ``run_dir`` (opened by :func:`addrmem.runs.open_run_folder`: ``resume``
+    False starts it, True continues it from the last checkpoint with the
+    result of an uninterrupted run, "auto" does whichever fits) it
+    checkpoints after each task and
     writes ``config.yaml``, ``results.json``, ``accuracy.png`` and
     ``R-<method>.png``. ``stream`` defaults to :func:`make_stream` (config).
 
@@ -687,13 +689,18 @@ def run_continual(config: ContinualConfig, run_dir: str | None = None, resume: b
     FileExistsError (``run_dir`` not empty and not ``resume``) and OSError.
     """
     config.validate()
-    if any(m in ("image", "addressable") for m in config.methods):
-        parallel.check_meta_batch(config.distill_config().meta_batch)
     stream = stream or make_stream(config)
     methods = {name: _METHOD_CLASSES[name](name, config, stream) for name in config.methods}
-    for method in methods.values():
-        if isinstance(method, _Distilled):
-            method.check_budget()
+
+    def check():
+        """What can fail on bad input, on every rank, before the folder is written."""
+        if any(m in ("image", "addressable") for m in config.methods):
+            parallel.check_meta_batch(config.distill_config().meta_batch)
+        for method in methods.values():
+            if isinstance(method, _Distilled):
+                method.check_budget()
+
+    parallel.everywhere(check)  # a mistake every rank meets is reported once
     T = len(stream)
     state = {"task": 0, "R": {name: [[None] * T for _ in range(T)] for name in methods},
              "floats": {name: [] for name in methods}, "seconds": {name: 0.0 for name in methods}}
@@ -701,17 +708,15 @@ def run_continual(config: ContinualConfig, run_dir: str | None = None, resume: b
     writer = bool(run_dir) and parallel.is_writer()
 
     def start():
-        """The checkpoint to resume from (or None), after checking or writing the run folder."""
-        if resume:
-            saved = ContinualConfig.from_yaml(os.path.join(run_dir, "config.yaml"))
-            if saved != config:
-                raise ValueError(f"the config differs from {run_dir!r}/config.yaml: resume with the saved config")
-            return load_checkpoint(checkpoint, config.to_dict()) if os.path.exists(checkpoint) else None
-        create_run_folder(run_dir)
-        config.to_yaml(os.path.join(run_dir, "config.yaml"))
-        return None
+        """How the run folder was opened, and the checkpoint to resume from (or None)."""
+        opened = open_run_folder(run_dir, config, resume)
+        if opened in ("resumed", "finished"):
+            return opened, load_checkpoint(checkpoint, config.to_dict())
+        return opened, None
 
-    blob = parallel.from_writer(start) if run_dir else None  # rank 0 reads and writes for every rank
+    opened, blob = parallel.from_writer(start) if run_dir else ("started", None)  # rank 0 reads and writes
+    if progress:
+        report_state(run_dir, opened)
     if blob is not None:
         for name, method in methods.items():
             method.load(blob["methods"][name])

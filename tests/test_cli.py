@@ -131,8 +131,14 @@ def test_output_folder_in_use(run, tiny_yaml, capsys):
     fails(["distill", "--config", tiny_yaml, "--out", run], capsys, "not empty")
 
 
+def unfinished(run):
+    """``run`` as if stopped after its last checkpoint (a finished run's --resume only reprints its results)."""
+    os.remove(os.path.join(run, "results.json"))
+    return run
+
+
 def test_corrupt_checkpoint(run, capsys):
-    path = os.path.join(run, "checkpoint.pt")
+    path = os.path.join(unfinished(run), "checkpoint.pt")
     with open(path, "r+b") as f:
         f.truncate(100)
     fails(["distill", "--resume", run], capsys, "corrupt")
@@ -229,6 +235,7 @@ def test_out_on_a_read_only_file_system(tmp_path, tiny_yaml, capsys, monkeypatch
 
 @pytest.mark.parametrize("command", [["show"], ["distill", "--resume"]])
 def test_a_read_only_run(run, capsys, monkeypatch, command):
+    unfinished(run)
     before = {name: os.path.getmtime(os.path.join(run, name)) for name in os.listdir(run)}
     read_only(monkeypatch, run)
     fails([*command, run], capsys, f"(Read-only file system): copy the run folder somewhere writable (cp -r {run}")
@@ -269,6 +276,7 @@ def test_disk_full_during_a_checkpoint(tmp_path, tiny_yaml, capsys, monkeypatch)
 
 @pytest.mark.parametrize("name", ["memory.pt", "checkpoint.pt"])
 def test_corrupt_tensor_bytes(run, capsys, name):
+    unfinished(run)
     path = os.path.join(run, name)
     blob = bytearray(open(path, "rb").read())
     key = "state_dict" if name == "memory.pt" else "memory"
@@ -281,6 +289,7 @@ def test_corrupt_tensor_bytes(run, capsys, name):
 
 
 def test_garbled_log_record(run, capsys):
+    unfinished(run)
     path = os.path.join(run, "log.jsonl")
     lines = open(path).read().splitlines()
     lines[0] = "{garbled"
@@ -317,16 +326,24 @@ def test_yaml_exponent_floats_are_accepted(tmp_path, capsys):
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["inner_lr"] == 0.01
 
 
+@pytest.mark.parametrize("started", [True, False])
 @pytest.mark.parametrize("command", ["distill", "continual"])
-def test_interrupt_says_how_to_resume(command, tmp_path, monkeypatch, capsys):
+def test_interrupt_says_how_to_resume(command, started, tmp_path, monkeypatch, capsys):
+    """The hint names the run folder only once it holds a run to resume."""
     import addrmem.cli as cli
 
-    def interrupted(*args, **kwargs):
+    out = str(tmp_path / "run")
+
+    def interrupted(config, *args, **kwargs):
+        if started:
+            os.makedirs(out)
+            config.to_yaml(os.path.join(out, "config.yaml"))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "run_experiment" if command == "distill" else "run_continual", interrupted)
-    out = str(tmp_path / "run")
     with pytest.raises(SystemExit) as stop:
         main([command, "--out", out])
     assert stop.value.code == 130
-    assert f"continue with: addrmem {command} --resume {out}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "addrmem: interrupted" in err
+    assert (f"continue with: addrmem {command} --resume {out}" in err) == started, err
