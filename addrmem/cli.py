@@ -1,5 +1,5 @@
-"""The ``addrmem`` command: ``distill``, ``show``, ``eval``, ``continual`` and
-``query``.
+"""The ``addrmem`` command: ``distill``, ``show``, ``eval``, ``continual``,
+``query`` and ``export``.
 
 ``addrmem distill`` with no arguments distills scikit-learn's 8×8 digits at a
 budget of two images per class (on the GPU if torch sees one, else on the CPU:
@@ -27,6 +27,7 @@ from .continual import ContinualConfig, make_stream, run_continual
 from .data import DATASETS, load_dataset
 from .evaluation import evaluate
 from .experiment import METHOD_NAMES, run_experiment
+from .export import export_imagefolder, export_tensors
 from .memory import AddressableMemory, load_memory
 from .networks import NETWORKS, make_network
 from .query import BUILTIN_MAPS, format_query, load_map, run_query
@@ -145,6 +146,18 @@ def _parser() -> argparse.ArgumentParser:
                     help="let torchvision download the dataset into --data-root if it is not there")
     _run_options(cl)
 
+    ex = commands.add_parser(
+        "export", help="write a run's recalled images as PNG files (ImageFolder) or as a tensor file",
+        description="Write the images RUN's memory recalls (RUN/baseline-image for the ImageMemory baseline): "
+                    "--format imagefolder: one PNG per image in OUT/<class>/<n>.png, normalisation and ZCA "
+                    "undone, for torchvision's ImageFolder; --format pt: torch.save of (images (N, C, H, W), "
+                    "labels (N,)) as the networks saw them (normalised, whitened if the run used ZCA), for "
+                    "dataset-distillation evaluation code. See docs/guide.md.")
+    ex.add_argument("run", metavar="RUN", help="run folder written by addrmem distill")
+    ex.add_argument("--format", required=True, choices=("imagefolder", "pt"), help="what to write")
+    ex.add_argument("--out", metavar="PATH", default=None,
+                    help="new folder (imagefolder; default RUN/imagefolder) or file (pt; default RUN/recalled.pt)")
+
     qu = commands.add_parser(
         "query", help="train classifiers for a new label space on images recalled from a run's memory",
         description="Map RUN's classes to new classes (a built-in map or a YAML/JSON file {new class: [old "
@@ -185,7 +198,7 @@ def main(argv=None) -> int:
     if args.command in _GROUP_COMMANDS:
         parallel.setup(getattr(args, "timeout", parallel.DEFAULT_TIMEOUT))  # under torchrun: join the group
     command = {"distill": _distill, "show": _show, "eval": _eval, "continual": _continual,
-               "query": _query}[args.command]
+               "query": _query, "export": _export}[args.command]
     outcome = None  # the SystemExit to end with, if the command failed
     try:
         command(args)
@@ -237,18 +250,13 @@ def _run_folder(args):
 
 
 def _leave_group(outcome) -> None:
-    """End a torchrun process: leave the process group, say ``outcome``'s
-    message, and exit at once with its status (0 if None). Exiting without
-    the interpreter's teardown keeps the collective library's threads from
-    aborting a process whose work is done."""
-    torch.distributed.destroy_process_group()
+    """End a torchrun process (:func:`addrmem.parallel.leave`), saying
+    ``outcome``'s message and exiting with its status (0 if None)."""
     code = 0 if outcome is None else outcome.code
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    parallel.leave(code)
 
 
 def _first_line(exc) -> str:
@@ -394,6 +402,21 @@ def _eval(args):
         print(f"test accuracy of {args.run}/memory.pt ({type(memory).__name__}, {len(labels)} images) on "
               f"{dataset.name}: {acc} % ({nets} {args.network or config.network_spec()} networks x "
               f"{config.eval_epochs} epochs)")
+
+
+def _export(args):
+    read_run_config(args.run, DistillConfig)
+    path = _memory_files(args.run)[0]
+    memory = load_memory(path)
+    missing = [key for key in ("preprocessing", "classes") if key not in memory.extra]
+    if missing:
+        raise ValueError(f"{path!r} was saved without its {' and '.join(missing)}: distill it again")
+    default = "imagefolder" if args.format == "imagefolder" else "recalled.pt"
+    out = args.out or os.path.join(args.run, default)
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        raise FileExistsError(f"{out!r} exists: give another --out, or delete it")
+    count = export_imagefolder(memory, out) if args.format == "imagefolder" else export_tensors(memory, out)
+    print(f"{count} images of {path} written to {out}")
 
 
 def _query(args):

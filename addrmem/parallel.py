@@ -32,8 +32,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_TIMEOUT", "PeerError", "check_device", "check_meta_batch", "combine", "everywhere",
-           "exchanged_bytes", "from_writer", "gather", "is_writer", "launched_by_torchrun", "rank", "setup", "shard",
+__all__ = ["DEFAULT_TIMEOUT", "PeerError", "barrier", "check_device", "check_meta_batch", "combine", "everywhere",
+           "exchanged_bytes", "from_writer", "gather", "is_writer", "launched_by_torchrun", "leave", "rank", "setup", "shard",
            "world_size"]
 
 DEFAULT_TIMEOUT = 600
@@ -59,6 +59,18 @@ def barrier() -> None:
     if world_size() > 1:
         with _collective():
             dist.barrier()
+
+
+def leave(code: int = 0) -> None:
+    """End a process of a group: leave the group, flush the output and exit
+    at once with status ``code``. Exiting without the interpreter's teardown
+    keeps the collective library's threads, torn down in an order that
+    depends on timing, from aborting (SIGABRT) a process whose work is
+    done, as they can on a loaded machine."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def world_size() -> int:

@@ -118,8 +118,8 @@ def worker(args) -> None:
                        "exchanged_bytes": parallel.exchanged_bytes(m, numel, memory.bases.element_size()),
                        "device": device_name(device), "threads": torch.get_num_threads()}, f)
     if n > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        parallel.barrier()
+        parallel.leave()
 
 
 def run(args, processes: int) -> dict:

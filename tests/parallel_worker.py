@@ -142,5 +142,5 @@ if __name__ == "__main__":
     parallel.setup()
     {"collectives": collectives, "step": step, "run": run, "linger": linger,
      "interrupt": lambda out: run(out, interrupt_at=4), "resume": lambda out: run(out, resume=True)}[job](out)
-    dist.barrier()
-    dist.destroy_process_group()
+    parallel.barrier()
+    parallel.leave()

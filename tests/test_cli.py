@@ -347,3 +347,70 @@ def test_interrupt_says_how_to_resume(command, started, tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert "addrmem: interrupted" in err
     assert (f"continue with: addrmem {command} --resume {out}" in err) == started, err
+
+
+def test_export_imagefolder_reads_back_with_torchvision(run, tmp_path, capsys):
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms.functional import to_tensor
+
+    from addrmem.data import to_display
+
+    out = tmp_path / "folder"
+    assert main(["export", run, "--format", "imagefolder", "--out", str(out)]) == 0
+    memory = load_memory(os.path.join(run, "memory.pt"))
+    images, labels = memory.recall()
+    expected = to_display(images, memory.extra["preprocessing"])  # normalisation undone, in [0, 1]
+    data = ImageFolder(str(out))
+    assert data.classes == [str(c) for c in memory.extra["classes"]]
+    assert data.targets == labels.tolist()  # class-major, in recall order
+    for (image, target), want in zip(data, expected):
+        got = to_tensor(image)[:1]  # ImageFolder reads grey PNGs as RGB
+        assert got.shape == want.shape and (got - want).abs().max() <= 0.5 / 255 + 1e-6
+    fails(["export", run, "--format", "imagefolder", "--out", str(out)], capsys, "exists: give another --out")
+
+
+def test_export_pt_holds_the_images_the_networks_saw(run, tmp_path):
+    for folder in (run, os.path.join(run, "baseline-image")):
+        assert main(["export", folder, "--format", "pt"]) == 0
+        images, labels = torch.load(os.path.join(folder, "recalled.pt"), weights_only=True)
+        want_images, want_labels = load_memory(os.path.join(folder, "memory.pt")).recall()
+        assert torch.equal(images, want_images.detach()) and torch.equal(labels, want_labels)
+
+
+def test_a_bug_in_addrmem_is_not_dressed_as_a_user_error(tmp_path, monkeypatch):
+    import addrmem.cli as cli
+
+    def buggy(*args, **kwargs):
+        return len(None)
+
+    monkeypatch.setattr(cli, "run_experiment", buggy)
+    with pytest.raises(TypeError):
+        main(["distill", "--out", str(tmp_path / "r")])
+
+
+def test_a_config_value_of_the_wrong_type(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: many\n")
+    fails(["distill", "--config", str(bad), "--out", str(tmp_path / "r")], capsys, "config field steps must be int")
+
+
+def test_resume_says_what_it_found(run, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["distill", "--resume", run]) == 0
+    assert f"{run} had finished: its saved results" in capsys.readouterr().out
+    early = tmp_path / "early"  # stopped before its first checkpoint
+    early.mkdir()
+    (early / "config.yaml").write_text(open(os.path.join(run, "config.yaml")).read())
+    assert main(["distill", "--resume", str(early)]) == 0
+    assert f"{early} stopped before its first checkpoint: starting it over" in capsys.readouterr().out
+    assert json.load(open(early / "results.json"))["methods"] == json.load(open(os.path.join(run, "results.json")))["methods"]
+
+
+def test_auto_resume_starts_or_resumes_out(run, tmp_path, tiny_yaml, capsys):
+    fresh = str(tmp_path / "fresh")
+    assert main(["distill", "--config", tiny_yaml, "--seed", "3", "--out", fresh, "--auto-resume"]) == 0
+    assert "had finished" not in capsys.readouterr().out
+    assert main(["distill", "--config", tiny_yaml, "--seed", "3", "--out", run, "--auto-resume"]) == 0
+    assert f"{run} had finished" in capsys.readouterr().out
+    fails(["distill", "--config", tiny_yaml, "--seed", "4", "--out", run, "--auto-resume"], capsys,
+          "holds a run of another config")
