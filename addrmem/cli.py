@@ -21,7 +21,7 @@ import time
 import torch
 
 from . import parallel
-from .config import DistillConfig, default_config, derive_seed, device_name, resolve_device
+from .config import DistillConfig, default_config, derive_seed, device_name, read_yaml_mapping, resolve_device
 from .continual import BENCHMARKS as CONTINUAL_BENCHMARKS
 from .continual import ContinualConfig, make_stream, run_continual
 from .data import DATASETS, load_dataset
@@ -67,6 +67,10 @@ _DISTILL_FLAGS = [
     ("--eval-arch", "eval_archs", _names, "NET,...", "also test every method with these networks "
      f"(cross-architecture; any of {', '.join(sorted(NETWORKS))}, with options such as "
      "convnet:width=64:depth=2:norm=none)"),
+    ("--val-nets", "val_nets", int, "N", "networks that measure the memory on the validation split"),
+    ("--eval-nets", "eval_nets", int, "N", "networks that test each method on the test split"),
+    ("--eval-epochs", "eval_epochs", int, "E", "epochs each validation and test network trains"),
+    ("--full-data-epochs", "full_data_epochs", int, "E", "epochs of the full-training-set reference (0 skips it)"),
     ("--seed", "seed", int, "S", "seed of every random draw (one seed, one result)"),
     ("--device", "device", str, "DEVICE", "auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda or "
      "cuda:N"),
@@ -326,6 +330,12 @@ def _distill(args):
     flags = {field: getattr(args, field) for _, field, _, _, _ in _DISTILL_FLAGS
              if getattr(args, field) is not None}
     given = [flag for flag, field, _, _, _ in _DISTILL_FLAGS if field in flags]
+    if args.config and "dataset" in flags:
+        other = read_yaml_mapping(args.config).get("dataset", flags["dataset"])
+        if other != flags["dataset"]:
+            raise ValueError(f"--dataset {flags['dataset']} with {args.config}, a config for {other}: its "
+                             f"settings were chosen for {other}; give a config for {flags['dataset']} "
+                             f"(configs/{flags['dataset']}-*.yaml), or drop --dataset")
     config, run_dir, resume = _open_settings(args, DistillConfig, flags, given, "{c.dataset}-ipc{c.ipc}-seed{c.seed}")
     dataset = parallel.everywhere(lambda: load_dataset(config.dataset, config.data_root, download=args.download,
                                                        zca=config.zca))

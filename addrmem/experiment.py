@@ -89,10 +89,10 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
             raise ValueError(f"the config asks for zca {config.zca} but the dataset was loaded "
                              f"{'with' if dataset.zca is not None else 'without'} ZCA: load it with zca=config.zca")
         parallel.check_meta_batch(config.meta_batch)
-        for cfg in configs.values():
-            build_memory(cfg, dataset)
+        rows = {kind: build_memory(cfg, dataset).per_class for kind, cfg in configs.items()}
         for arch in eval_networks(config):
             make_network(arch, dataset.image_shape, dataset.num_classes, seed=0)
+        return rows
 
     def start():
         state = open_run_folder(run_dir, config, resume)
@@ -103,9 +103,13 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
                 cfg.to_yaml(os.path.join(folder, "config.yaml"))
         return state
 
-    parallel.everywhere(check)  # a mistake every rank meets is reported once
+    rows = parallel.everywhere(check)  # a mistake every rank meets is reported once
     state = parallel.from_writer(start)  # rank 0 writes; its errors are raised on every rank
-    if progress:
+    if progress and parallel.is_writer():
+        capped = [f"{n} of the {kind} memory" for kind, n in rows.items() if n < config.n_per_c]
+        if capped:
+            print(f"n_per_c {config.n_per_c} is more than the rows per class it can take: each inner step takes "
+                  f"all {' and '.join(capped)}")
         report_state(run_dir, state)
     if state == "finished":
         return parallel.from_writer(lambda: read_json(os.path.join(run_dir, "results.json")))

@@ -86,7 +86,8 @@ def test_help_explains_the_options(capsys):
     out = capsys.readouterr().out
     for flag in ("--dataset", "--data-root", "--ipc", "--n-bases", "--downsample", "--steps", "--iterations",
                  "--inner-lr", "--outer-lr", "--seed", "--device", "--out", "--config", "--resume", "--zca",
-                 "--eval-arch", "--download"):
+                 "--eval-arch", "--download", "--eval-nets", "--eval-epochs", "--val-nets", "--full-data-epochs",
+                 "--auto-resume", "--timeout"):
         assert flag in out
 
 
@@ -414,3 +415,24 @@ def test_auto_resume_starts_or_resumes_out(run, tmp_path, tiny_yaml, capsys):
     assert f"{run} had finished" in capsys.readouterr().out
     fails(["distill", "--config", tiny_yaml, "--seed", "4", "--out", run, "--auto-resume"], capsys,
           "holds a run of another config")
+
+
+def test_evaluation_flags_and_the_capped_n_per_c(tmp_path, tiny_yaml, capsys):
+    out = tmp_path / "r"
+    assert main(["distill", "--config", tiny_yaml, "--iterations", "1", "--val-nets", "2", "--eval-nets", "2",
+                 "--eval-epochs", "1", "--full-data-epochs", "0", "--out", str(out)]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["val_nets"], saved["eval_nets"], saved["eval_epochs"], saved["full_data_epochs"]) == (2, 2, 1, 0)
+    printed = capsys.readouterr().out
+    assert "2 networks x 1 epochs" in printed and "full training set" not in printed
+    # TINY's n_per_c 3 is more than the ImageMemory's one row per class
+    assert "n_per_c 3 is more than the rows per class it can take: each inner step takes all 1 of the image memory" \
+        in printed
+
+
+def test_dataset_flag_against_a_config_for_another_dataset(tmp_path, capsys):
+    config = tmp_path / "digits.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "dataset": "digits"}))
+    fails(["distill", "--config", str(config), "--dataset", "mnist", "--out", str(tmp_path / "r")], capsys,
+          "--dataset mnist with " + str(config) + ", a config for digits")
+    assert not (tmp_path / "r").exists()
