@@ -330,12 +330,7 @@ def _distill(args):
     flags = {field: getattr(args, field) for _, field, _, _, _ in _DISTILL_FLAGS
              if getattr(args, field) is not None}
     given = [flag for flag, field, _, _, _ in _DISTILL_FLAGS if field in flags]
-    if args.config and "dataset" in flags:
-        other = read_yaml_mapping(args.config).get("dataset", flags["dataset"])
-        if other != flags["dataset"]:
-            raise ValueError(f"--dataset {flags['dataset']} with {args.config}, a config for {other}: its "
-                             f"settings were chosen for {other}; give a config for {flags['dataset']} "
-                             f"(configs/{flags['dataset']}-*.yaml), or drop --dataset")
+    parallel.everywhere(lambda: _check_dataset(args.config, flags.get("dataset")))
     config, run_dir, resume = _open_settings(args, DistillConfig, flags, given, "{c.dataset}-ipc{c.ipc}-seed{c.seed}")
     dataset = parallel.everywhere(lambda: load_dataset(config.dataset, config.data_root, download=args.download,
                                                        zca=config.zca))
@@ -343,6 +338,15 @@ def _distill(args):
     if parallel.is_writer():
         print(_format_results(results, config))
         print(f"run folder: {run_dir}")
+
+
+def _check_dataset(config_file, dataset) -> None:
+    """Refuse ``--dataset`` with a config file written for another dataset."""
+    other = read_yaml_mapping(config_file).get("dataset", dataset) if config_file and dataset else dataset
+    if other != dataset:
+        raise ValueError(f"--dataset {dataset} with {config_file}, a config for {other}: its settings were "
+                         f"chosen for {other}; give a config for {dataset} (configs/{dataset}-*.yaml), or drop "
+                         f"--dataset")
 
 
 def _format_results(results, config) -> str:
