@@ -14,7 +14,7 @@ keep of the tasks already seen:
 * ``joint``: every earlier task's whole training data (the upper bound; no
   budget).
 
-Tasks are distilled with :func:`addrmem.distill.outer_step`.
+Tasks are distilled with :class:`addrmem.distill.OuterLoop`.
 :func:`run_continual` runs the protocol, measures the accuracy matrix R and
 its metrics (:func:`metrics`), checkpoints after each task into a run folder
 (:mod:`addrmem.runs`) and writes ``results.json`` and PNG plots.
@@ -43,7 +43,7 @@ from . import parallel
 from .config import (DistillConfig, check_field_types, check_known_fields, derive_seed, device_name, generator,
                      read_yaml_mapping, resolve_device)
 from .data import load_dataset
-from .distill import RealPool, make_outer_optimizer, outer_generators, outer_step
+from .distill import OuterLoop
 from .evaluation import accuracy
 from .files import atomic_write, atomic_write_text
 from .memory import AddressableMemory, ImageMemory
@@ -531,13 +531,11 @@ class _Distilled(_Method):
             learnt = torch.nn.ParameterList([memory.addresses])  # the bases stay frozen
         if self.config.init == "real":
             self.init_from(memory, t, images, local, bases=learnt is memory)
-        device, dtype = self.distill.device_dtype()
-        real = RealPool(images, local, len(classes), device, dtype)
-        optimizer = make_outer_optimizer(learnt, self.distill)
-        generators = outer_generators(derive_seed(self.config.seed, self.name, "distill", t))
+        loop = OuterLoop(memory, self.distill, images, local, len(classes), learnt=learnt,
+                         seed=derive_seed(self.config.seed, self.name, "distill", t))
         for it in tqdm(range(self.distill.iterations), desc=f"distill {self.name} task {t}", leave=False,
                        disable=None if self.progress else True):
-            outer_step(memory, optimizer, self.distill, real, generators, it)
+            loop.step(it)
         if self.shared and self.shared_bases is None:
             self.shared_bases = memory.bases.detach().clone()
         self.memories.append((t, classes, memory))
