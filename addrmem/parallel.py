@@ -127,7 +127,7 @@ def _stop_with_parent() -> None:
     pr_set_pdeathsig = 1
     if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
         return
-    if os.getppid() != parent or parent == 1:  # it died before the signal was armed
+    if os.getppid() != parent:  # it died before the signal was armed (torchrun may itself be pid 1)
         os.kill(os.getpid(), signal.SIGTERM)
 
 
