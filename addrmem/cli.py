@@ -358,8 +358,8 @@ def _format_results(results, config) -> str:
     width = max(len(name) for name, _ in rows)
     archs = results["archs"]
     full = results["methods"].get("full_data")
-    epochs = f"{results['eval_epochs']} epochs" + (
-        f" ({full['epochs']} on the full set)" if full and full["epochs"] != results["eval_epochs"] else "")
+    epochs = (f"{results['eval_steps']} steps" if results["eval_steps"] else f"{results['eval_epochs']} epochs") + (
+        f" ({full['epochs']} epochs on the full set)" if full else "")
     lines = [f"test accuracy (%) on {results['dataset']} ({results['test_images']} images), IPC {results['ipc']}, "
              f"{results['eval_nets']} networks x {epochs}, mean ± std:",
              f"  {'':<{width}}" + "".join(f"  {arch:>13}" for arch in archs)]
@@ -415,7 +415,7 @@ def _eval(args):
     if parallel.is_writer():
         print(f"test accuracy of {args.run}/memory.pt ({type(memory).__name__}, {len(labels)} images) on "
               f"{dataset.name}: {acc} % ({nets} {args.network or config.network_spec()} networks x "
-              f"{config.eval_epochs} epochs)")
+              f"{f'{config.eval_steps} steps' if config.eval_steps else f'{config.eval_epochs} epochs'})")
 
 
 def _export(args):

@@ -66,7 +66,11 @@ class DistillConfig:
     averages the hypergradients of M independent inner trajectories, shared
     out over the processes of a torch.distributed run; docs/scaling.md),
     ``outer_optimizer`` ("sgd" or "adam"),
-    ``outer_lr``, ``outer_momentum`` (SGD only), ``clip`` (global grad-norm
+    ``outer_lr``, ``baseline_outer_lr`` (the outer learning rate of the
+    ImageMemory baseline that ``addrmem distill`` distills beside an
+    addressable memory; 0 = ``outer_lr``: free images and addressing
+    coefficients can want different rates, and each should get the one it
+    does best with on the validation split), ``outer_momentum`` (SGD only), ``clip`` (global grad-norm
     clip over all memory parameters), ``coeff_reg`` ("none", "l1" or "l2")
     and ``coeff_reg_alpha``: alpha * dR/dA is added to the addresses'
     gradient, R = ||A||_1 or ||A||_F over the whole address table
@@ -75,7 +79,11 @@ class DistillConfig:
     networks measure the memory on the validation split; at the end
     ``eval_nets`` networks of each architecture in ``network`` +
     ``eval_archs`` (cross-architecture evaluation) measure each method on
-    the test split. Each network trains ``eval_epochs`` epochs
+    the test split. Each network trains ``eval_epochs`` epochs, or
+    ``eval_steps`` steps if that is set (> 0: every training set then gets
+    the same number of updates, which makes large recalled sets cheap to
+    test on the CPU; a memory of ``eval_batch`` images or fewer gets exactly
+    as many steps as epochs),
     (``full_data_epochs`` on the full training set; 0 skips that reference)
     of SGD (``eval_lr``, ``eval_momentum``) in shuffled batches of
     ``eval_batch``.
@@ -111,6 +119,7 @@ class DistillConfig:
     meta_batch: int = 1
     outer_optimizer: str = "sgd"
     outer_lr: float = 0.1
+    baseline_outer_lr: float = 0.0
     outer_momentum: float = 0.5
     clip: float = 2.0
     coeff_reg: str = "none"
@@ -119,6 +128,7 @@ class DistillConfig:
     val_nets: int = 10
     eval_nets: int = 10
     eval_epochs: int = 300
+    eval_steps: int = 0
     eval_batch: int = 640
     eval_lr: float = 0.01
     eval_momentum: float = 0.9
@@ -158,13 +168,14 @@ class DistillConfig:
                 parse_network(arch)
             except ValueError as exc:
                 raise ValueError(f"config field eval_archs: {exc}") from None
-        for name in ("net_depth", "task_classes", "seed", "threads", "full_data_epochs"):
+        for name in ("net_depth", "eval_steps", "task_classes", "seed", "threads", "full_data_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field {name} must be >= 0; got {getattr(self, name)}")
         for name in ("inner_lr", "outer_lr", "clip", "eval_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"config field {name} must be > 0; got {getattr(self, name)}")
-        for name in ("inner_momentum", "outer_momentum", "eval_momentum", "coeff_reg_alpha", "zca"):
+        for name in ("inner_momentum", "outer_momentum", "eval_momentum", "coeff_reg_alpha", "zca",
+                     "baseline_outer_lr"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"config field {name} must be >= 0; got {getattr(self, name)}")
         if not _DEVICE.fullmatch(self.device):

@@ -100,7 +100,8 @@ class ContinualConfig:
     GDumb-style; ``finetune``, which keeps nothing, on task t alone).
     Addressable memory: ``bases`` ("task": K bases per task; "shared": one set
     learnt on the first task, then frozen). ``init``: where a task's memory
-    starts ("real": from the task's real images, see ``_Distilled.init_from``;
+    starts ("real": from the task's real images, see ``init_from_real`` of
+    :mod:`addrmem.memory`;
     "xavier": docs/method.md, "The memory"). Distillation: ``distill``, a
     mapping of :class:`~addrmem.config.DistillConfig` fields over
     :data:`DISTILL_DEFAULTS` (``n_bases``, ``downsample``, ``steps``,
@@ -530,7 +531,9 @@ class _Distilled(_Method):
             memory.bases.data.copy_(self.shared_bases)
             learnt = torch.nn.ParameterList([memory.addresses])  # the bases stay frozen
         if self.config.init == "real":
-            self.init_from(memory, t, images, local, bases=learnt is memory)
+            draws = generator(self.config.seed, self.name, "init-rows", t)
+            own_bases = {"bases": learnt is memory} if self.kind == "addressable" else {}
+            memory.init_from_real(images.to(next(memory.parameters())), local, draws, **own_bases)
         loop = OuterLoop(memory, self.distill, images, local, len(classes), learnt=learnt,
                          seed=derive_seed(self.config.seed, self.name, "distill", t))
         for it in tqdm(range(self.distill.iterations), desc=f"distill {self.name} task {t}", leave=False,
@@ -544,30 +547,6 @@ class _Distilled(_Method):
         while len(self.memories) > 1 and self.num_floats() > self.budget:
             self.memories.pop(0)
         self.cache = None
-
-    @torch.no_grad()
-    def init_from(self, memory, t: int, images: torch.Tensor, local: torch.Tensor, bases: bool = True) -> None:
-        """Start ``memory`` from task ``t``'s real images (N, C, H, W) with
-        local labels (N,): each row of class c from a random image of class c
-        (drawn with replacement); an ImageMemory stores that image, an
-        AddressableMemory its coordinates over its bases, which are first set
-        (if ``bases``) to the top K right singular vectors of the task's
-        images pooled to the bases' resolution (an uncentred PCA)."""
-        draws = generator(self.config.seed, self.name, "init-rows", t)
-        picks = torch.cat([(local == c).nonzero().squeeze(1)[
-            torch.randint(int((local == c).sum()), (memory.per_class,), generator=draws)]
-            for c in range(memory.num_classes)])
-        param = next(memory.parameters())
-        if isinstance(memory, ImageMemory):
-            memory.images.copy_(images[picks].to(param))
-            return
-        low = F.avg_pool2d(images, memory.downsample).flatten(1).to(param)  # (N, d_low)
-        if bases:
-            k = memory.n_bases
-            basis = torch.linalg.svd(low, full_matrices=False).Vh[:k]  # (<= K, d_low), orthonormal rows
-            memory.bases.zero_()
-            memory.bases.view(k, -1)[:len(basis)] = basis
-        memory.addresses.copy_(low[picks] @ memory.bases.view(memory.n_bases, -1).T)
 
     def recalled(self):
         if not self.memories:

@@ -7,6 +7,7 @@ what tests every method on the test split; :class:`Accuracy` is its result.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,8 +66,10 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, confi
     Each network (``network``, a spec; default ``config.network_spec()``) starts from its own
     seeded init (network j of seed s is the same for every call, so methods
     compared with the same seed see the same networks) and trains
-    ``config.eval_epochs`` epochs of SGD (``eval_lr``, ``eval_momentum``, no
-    weight decay) in shuffled batches of ``eval_batch``, with per-image
+    ``config.eval_epochs`` epochs (or, if ``config.eval_steps`` is set, that
+    many steps: the same number of updates whatever the number of images) of
+    SGD (``eval_lr``, ``eval_momentum``, no weight decay) in shuffled batches
+    of ``eval_batch``, with per-image
     flip/rotate augmentation at every step if ``config.augment`` is on
     (docs/method.md, "Evaluation protocol"). Runs on ``config.device`` in
     ``config.dtype``; in a torch.distributed process group the ranks share
@@ -89,16 +92,27 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, confi
         draws = generator(seed, "batches", j)
         optimizer = torch.optim.SGD(net.parameters(), lr=config.eval_lr, momentum=config.eval_momentum)
         net.train()
-        for _ in range(config.eval_epochs):
-            order = torch.randperm(len(labels), generator=draws).to(device)
-            for start in range(0, len(labels), config.eval_batch):
-                batch = order[start:start + config.eval_batch]
-                x = images[batch]
-                if config.augment == "flip_rotate":
-                    x = augment_per_image(x, draws)
-                loss = F.cross_entropy(net(x), labels[batch])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+        for batch in _batches(len(labels), config, draws):
+            x = images[batch.to(device)]
+            if config.augment == "flip_rotate":
+                x = augment_per_image(x, draws)
+            loss = F.cross_entropy(net(x), labels[batch.to(device)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         runs.append(accuracy(net, eval_images, eval_labels))
     return Accuracy.of(parallel.gather(runs, n_nets))
+
+
+def _batches(n: int, config: DistillConfig, draws: torch.Generator):
+    """The row indices of each training step over ``n`` images: shuffled
+    epochs cut into batches of ``eval_batch`` (the last one short), for
+    ``eval_epochs`` epochs, or until ``eval_steps`` steps if that is set."""
+    taken = 0
+    for _ in itertools.count() if config.eval_steps else range(config.eval_epochs):
+        order = torch.randperm(n, generator=draws)
+        for start in range(0, n, config.eval_batch):
+            yield order[start:start + config.eval_batch]
+            taken += 1
+            if taken == config.eval_steps:
+                return

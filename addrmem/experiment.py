@@ -55,8 +55,10 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
 
     * ``addressable`` (or ``image``): the memory :func:`distill` returns;
     * ``image``: for an addressable config, the ImageMemory baseline distilled
-      the same way, without the coefficient regulariser
-      (``run_dir/baseline-image``);
+      the same way, without the coefficient regulariser and at
+      ``baseline_outer_lr`` if that is set (``run_dir/baseline-image``);
+    * ``addressable_undistilled``, ``image_undistilled``: each memory as it
+      started (:func:`addrmem.distill.build_memory`), tested alike;
     * ``random_real``: ``ipc`` random real training images per class;
     * ``full_data``: the whole training split (``full_data_epochs`` epochs;
       left out if 0).
@@ -81,7 +83,8 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
     config.validate()
     configs = {config.memory: config}
     if config.memory == "addressable":
-        configs["image"] = dataclasses.replace(config, memory="image", coeff_reg="none")  # it has no addresses
+        configs["image"] = dataclasses.replace(config, memory="image", coeff_reg="none",  # it has no addresses
+                                               outer_lr=config.baseline_outer_lr or config.outer_lr)
 
     def check():
         """What can fail on bad input, on every rank, before the folder is written."""
@@ -116,10 +119,11 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
     test_seed = derive_seed(config.seed, "test")
     archs = eval_networks(config)
 
-    def test(images, labels, name, epochs=config.eval_epochs):
-        """{arch: Accuracy fields} and the seconds it took."""
+    def test(images, labels, name, full=False):
+        """{arch: Accuracy fields} and the seconds it took; ``full``: the full
+        training set's schedule (``full_data_epochs`` epochs)."""
         start = time.perf_counter()
-        tested = dataclasses.replace(config, eval_epochs=epochs)
+        tested = dataclasses.replace(config, eval_epochs=config.full_data_epochs, eval_steps=0) if full else config
         accs = {arch: dataclasses.asdict(evaluate(images, labels, dataset, tested, config.eval_nets, split="test",
                                                   seed=test_seed, network=arch, progress=progress,
                                                   desc=f"test {name} ({arch})"))
@@ -142,21 +146,23 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
         seconds[kind]["distill"] = result.seconds
     train_images, train_labels = dataset.train
     subset = random_subset(config, dataset)
-    references = {"random_real": (subset, config.eval_epochs)}
+    references = {"random_real": subset}
     if config.full_data_epochs:
-        references["full_data"] = (torch.arange(len(train_labels)), config.full_data_epochs)
-    for kind, (rows, epochs) in references.items():
-        accs, test_seconds = test(train_images[rows], train_labels[rows], kind.replace("_", " "), epochs)
+        references["full_data"] = torch.arange(len(train_labels))
+    for kind, rows in references.items():
+        full = kind == "full_data"
+        accs, test_seconds = test(train_images[rows], train_labels[rows], kind.replace("_", " "), full)
         methods[kind] = {"test": accs[config.network_spec()], "archs": accs,
-                         "num_floats": rows.numel() * math.prod(dataset.image_shape), "images": rows.numel(),
-                         "epochs": epochs}
+                         "num_floats": rows.numel() * math.prod(dataset.image_shape), "images": rows.numel()}
+        if full:
+            methods[kind]["epochs"] = config.full_data_epochs
         seconds[kind] = {"distill": 0.0, "test": test_seconds}
     distill_seconds = sum(s["distill"] for s in seconds.values())
     test_seconds = sum(s["test"] for s in seconds.values())
     results = {
         "dataset": dataset.name, "ipc": config.ipc, "seed": config.seed, "iterations": config.iterations,
         "network": config.network_spec(), "archs": archs, "zca": config.zca,
-        "eval_nets": config.eval_nets, "eval_epochs": config.eval_epochs, "test_images": len(dataset.test[1]),
+        "eval_nets": config.eval_nets, "eval_epochs": config.eval_epochs, "eval_steps": config.eval_steps, "test_images": len(dataset.test[1]),
         "methods": methods, "curves": curves, "seconds": seconds, "distill_seconds": distill_seconds, "test_seconds": test_seconds,
         "wall_seconds": distill_seconds + test_seconds,
         "device": device_name(config.device_dtype()[0]), "threads": torch.get_num_threads(),

@@ -72,6 +72,18 @@ def test_binary_config_file_is_named(tmp_path):
     ({"clip": -math.inf}, "clip must be a finite number"),
     ({"device": "foo"}, "device must be auto, cpu, cuda or cuda:N"),
     ({"device": "cuda:x"}, "device must be auto, cpu, cuda or cuda:N"),
+    ({"net_width": 0}, "net_width must be >= 1"),
+    ({"net_depth": -1}, "net_depth must be >= 0"),
+    ({"net_depth": 1.5}, "net_depth must be int"),
+    ({"net_norm": "batch"}, "net_norm must be one of instance, none"),
+    ({"network": "alexnet", "net_width": 64}, "net_width: network alexnet has no width setting"),
+    ({"network": "mlp", "net_norm": "none"}, "net_norm: network mlp has no norm setting"),
+    ({"network": "lenet"}, "unknown network 'lenet'"),
+    ({"eval_archs": ["convnet:width=x"]}, "width must be a whole number"),
+    ({"eval_archs": ["convnet:heads=2"]}, "'heads=2' is not an option of convnet"),
+    ({"eval_archs": ["alexnet:width=2"]}, "it takes no options"),
+    ({"init": "zeros"}, "init must be one of xavier, real"),
+    ({"eval_steps": -1}, "eval_steps must be >= 0"),
 ])
 def test_bad_config_values(values, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -99,3 +111,12 @@ def test_resolve_device_with_one_gpu(monkeypatch):
     assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(ValueError, match="'cuda:1' does not exist: this machine has 1 CUDA GPU"):
         resolve_device("cuda:1")
+
+
+def test_network_size_fields_make_the_spec_and_round_trip(tmp_path):
+    assert DistillConfig().network_spec() == "convnet"  # the defaults are the paper's ConvNet
+    config = DistillConfig(net_width=32, net_depth=2, net_norm="none", eval_archs=["mlp:width=64", "convnet"])
+    assert config.network_spec() == "convnet:width=32:depth=2:norm=none"
+    config.to_yaml(tmp_path / "c.yaml")
+    assert DistillConfig.from_yaml(tmp_path / "c.yaml") == config
+    assert DistillConfig(network="mlp", net_width=64).network_spec() == "mlp:width=64"

@@ -226,27 +226,6 @@ def test_resume_gives_the_uninterrupted_result(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["image", "addressable"])
-def test_real_init_starts_each_row_from_a_real_image_of_its_class(name):
-    config = ContinualConfig()
-    stream = make_stream(config)
-    method = _Distilled(name, config, stream)
-    images, labels = stream.train(1)
-    local = labels - 2  # task 1 holds classes 2 and 3
-    memory = method.build(1, 2, 7)
-    method.init_from(memory, 1, images, local)
-    recalled, rows_local = memory.recall()
-    flat = images.flatten(1)
-    if name == "addressable":  # each image is the projection of a real image onto the bases' span
-        bases = memory.bases.detach().flatten(1)
-        assert torch.allclose(bases @ bases.T, torch.eye(len(bases)), atol=1e-4)
-        flat = flat @ bases.T @ bases
-    distance = torch.cdist(recalled.flatten(1), flat, compute_mode="donot_use_mm_for_euclid_dist")  # (rows, N)
-    nearest = distance.min(dim=1)
-    assert nearest.values.max() < 1e-3
-    assert torch.equal(local[nearest.indices], rows_local)
-
-
-@pytest.mark.parametrize("name", ["image", "addressable"])
 def test_the_budget_is_divided_among_the_tasks_seen(name):
     """After task t every memory holds budget / (t+1): the older ones keep the
     first rows of each class, and their bases."""

@@ -16,3 +16,20 @@ def test_evaluate_is_seeded(digits):
     assert str(a) == f"{a.mean:.2f} ± {a.std:.2f}"
     with pytest.raises(ValueError, match="split"):
         evaluate(images, labels, digits, config, 1, split="train", progress=False)
+
+
+def test_eval_steps_give_every_training_set_the_same_number_of_updates(digits, monkeypatch):
+    """With eval_steps, S steps of eval_batch rows, epochs reshuffled, whatever the
+    set's size; without, eval_epochs epochs (the last batch of each short)."""
+    import torch
+
+    steps = []
+    real_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    images, labels = digits.train[0][:50], digits.train[1][:50]
+    for n, config, expected in ((50, tiny(eval_steps=7, eval_batch=20), 7),  # 2.33 epochs
+                                (5, tiny(eval_steps=7, eval_batch=20), 7),  # a batch holds all 5 images
+                                (50, tiny(eval_epochs=2, eval_batch=20), 6)):  # 3 batches an epoch
+        steps.clear()
+        evaluate(images[:n], labels[:n], digits, config, 1, split="val", progress=False)
+        assert len(steps) == expected

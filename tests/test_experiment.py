@@ -53,12 +53,14 @@ def test_seconds_keep_full_precision(digits, tmp_path, monkeypatch):
     assert results["wall_seconds"] == results["distill_seconds"] + results["test_seconds"]
 
 
-def test_the_baseline_of_a_regularised_memory_has_no_regulariser(digits, tmp_path):
+def test_the_baseline_has_no_regulariser_and_its_own_outer_rate(digits, tmp_path):
     run = tmp_path / "run"
-    results = run_experiment(tiny(coeff_reg="l1", iterations=1, full_data_epochs=0), digits, str(run), progress=False)
+    results = run_experiment(tiny(coeff_reg="l1", iterations=1, full_data_epochs=0, baseline_outer_lr=0.05), digits,
+                             str(run), progress=False)
     assert set(results["methods"]) == {"addressable", "image", "addressable_undistilled", "image_undistilled",
                                        "random_real"}
-    assert "coeff_reg: none" in (run / "baseline-image" / "config.yaml").read_text()
+    baseline = (run / "baseline-image" / "config.yaml").read_text()
+    assert "coeff_reg: none" in baseline and "outer_lr: 0.05" in baseline  # at its own outer rate
 
 
 def test_cross_architecture_and_no_full_data(digits, tmp_path):

@@ -255,3 +255,90 @@ def test_load_rejects_bad_files(tmp_path):
 def test_save_rejects_non_plain_extra(tmp_path):
     with pytest.raises(TypeError, match="plain data"):
         small_addressable().save(tmp_path / "m.pt", net=torch.nn.Linear(2, 2))
+
+
+# --- the start from real data (init_from_real) --------------------------------------------
+
+
+def real_digits():
+    from addrmem.data import load_dataset
+    images, labels = load_dataset("digits").train
+    return images.double(), labels
+
+
+@pytest.mark.parametrize("kind", ["image", "addressable"])
+def test_real_start_recalls_real_images_of_each_class(kind):
+    """Every row recalls a real image of its own class: itself (ImageMemory), or
+    its least-squares projection onto the bases' span (full-resolution bases)."""
+    images, labels = real_digits()
+    if kind == "image":
+        memory = ImageMemory(10, (1, 8, 8), per_class=3).double()
+    else:
+        memory = AddressableMemory(10, (1, 8, 8), n_bases=9, per_class=3).double()
+    assert memory.init_from_real(images, labels, gen(1)) is memory
+    recalled, row_labels = memory.recall()
+    flat = images.flatten(1)
+    if kind == "addressable":
+        bases = memory.bases.detach().flatten(1)
+        flat = flat @ torch.linalg.pinv(bases) @ bases
+    nearest = torch.cdist(recalled.flatten(1), flat, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1)
+    assert nearest.values.max() < 1e-8
+    assert torch.equal(labels[nearest.indices], row_labels)
+    assert len(set(nearest.indices.tolist())) == memory.rows  # no image twice where a class has enough
+
+
+def test_real_start_keeps_the_storage_and_balances_bases_and_addresses():
+    images, labels = real_digits()
+    memory = AddressableMemory.from_budget(2, 10, (1, 8, 8), 11, 1).double()
+    floats = memory.num_floats()
+    memory.init_from_real(images, labels, gen(0))
+    assert memory.num_floats() == floats == 1254 and memory.addresses.shape == (50, 11)
+    rms = [p.detach().square().mean().sqrt() for p in (memory.bases, memory.addresses)]
+    assert torch.allclose(rms[0], rms[1])
+
+
+def test_real_start_bases_are_the_best_rank_k_recall_at_low_resolution():
+    """With half-resolution bases, the start's span recalls the data better than
+    a PCA of average-pooled images (the upsampling's metric is taken into
+    account), and no worse than any of a few random K-dimensional spans."""
+    images, labels = real_digits()
+    memory = AddressableMemory(10, (1, 8, 8), n_bases=6, per_class=2, downsample=2).double()
+    memory.init_from_real(images, labels, gen(0))
+
+    def residual(bases):  # || x - U(a B) || at the best a for each image
+        recall = synthesize_reference(torch.eye(6, dtype=torch.float64), bases, scale=2).flatten(1)  # (K, 64)
+        coeffs = torch.linalg.lstsq(recall.T, images.flatten(1).T).solution
+        return (images.flatten(1) - coeffs.T @ recall).norm()
+
+    ours = residual(memory.bases.detach())
+    pooled = torch.nn.functional.avg_pool2d(images, 2).flatten(1)
+    pca = torch.linalg.svd(pooled, full_matrices=False).Vh[:6].view(6, 1, 4, 4)
+    assert ours < residual(pca) * 0.999
+    for seed in range(3):
+        assert ours < residual(torch.randn(6, 1, 4, 4, generator=gen(seed), dtype=torch.float64))
+
+
+def test_real_start_with_fixed_bases_only_sets_the_addresses():
+    images, labels = real_digits()
+    memory = AddressableMemory(10, (1, 8, 8), n_bases=5, per_class=2, downsample=2).double()
+    bases = memory.bases.detach().clone()
+    memory.init_from_real(images, labels, gen(0), bases=False)
+    assert torch.equal(memory.bases.detach(), bases)
+    target = images[memory._pick_real(labels, gen(0))].flatten(1)  # the images the rows were drawn from
+    error = (memory.recall()[0].flatten(1) - target).norm()
+    for seed in range(3):  # the start is each image's least-squares address: any change fits worse
+        moved = memory.addresses.detach() + 0.01 * torch.randn(memory.addresses.shape, generator=gen(seed),
+                                                               dtype=torch.float64)
+        assert error < (synthesize_reference(moved, bases, scale=2).flatten(1) - target).norm()
+
+
+@pytest.mark.parametrize("make", MEMORIES)
+def test_real_start_rejects_data_that_does_not_fit(make):
+    memory = make()
+    images = torch.randn(12, 2, 6, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="cover every class"):
+        memory.init_from_real(images, torch.zeros(12, dtype=torch.int64))
+    with pytest.raises(ValueError, match="images must be"):
+        memory.init_from_real(images[:, :1], torch.arange(12) % 3)
+    with pytest.raises(ValueError, match="labels must be int64"):
+        memory.init_from_real(images, torch.arange(11) % 3)

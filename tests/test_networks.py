@@ -7,7 +7,7 @@ from torch import nn
 
 from addrmem.hypergradient import hypergradient
 from addrmem.memory import AddressableMemory
-from addrmem.networks import MLP, AlexNet, ConvNet, ResNet18, VGG11, make_network
+from addrmem.networks import MLP, AlexNet, ConvNet, ResNet18, VGG11, make_network, network_spec, parse_network
 
 
 @pytest.mark.parametrize("shape, depth, flat", [
@@ -79,6 +79,22 @@ def test_make_network_seed_reproducible_and_global_rng_untouched(name):
 def test_make_network_unknown():
     with pytest.raises(ValueError, match="unknown network"):
         make_network("resnet50", (3, 32, 32), 10)
+
+
+def test_network_specs_set_the_size():
+    net = make_network("convnet:width=16:depth=2:norm=none", (3, 32, 32), 10, seed=0)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 16]
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
+    assert net.classifier.in_features == 16 * 8 * 8
+    mlp = make_network("MLP:width=7:depth=1", (1, 8, 8), 3, seed=0)
+    assert [m.out_features for m in mlp.modules() if isinstance(m, torch.nn.Linear)] == [7, 3]
+    assert parse_network("convnet:depth=4") == ("convnet", {"depth": 4})
+    assert network_spec("convnet", width=32, depth=None) == "convnet:width=32"
+    with pytest.raises(ValueError, match="depth 6 pools"):
+        make_network("convnet:depth=6", (3, 32, 32), 10)
+    with pytest.raises(ValueError, match="norm must be"):
+        make_network("convnet:norm=batch", (3, 32, 32), 10)
 
 
 # The cross-architecture nets (docs/method.md): instance-norm AlexNet, VGG11, ResNet18.
