@@ -20,13 +20,13 @@ from addrmem.config import DistillConfig
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
 
 
-def torchrun(*args, nproc=2, cwd=None):
+def torchrun(*args, nproc=2, cwd=None, timeout=300):
     """Run ``args`` under torchrun with ``nproc`` CPU processes; returns the completed process. Give a ``cwd``
     outside the repository for ``-m addrmem``, so that it imports the installed package."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc-per-node={nproc}", *args], capture_output=True, text=True, env=env,
-                          timeout=300, cwd=cwd)
+                          timeout=timeout, cwd=cwd)
     return done
 
 
@@ -162,7 +162,7 @@ def test_a_killed_worker_restarted_by_torchrun_resumes_to_the_uninterrupted_resu
 
     out = tmp_path / "elastic"
     (tmp_path / "elastic.yaml").write_text(yaml.safe_dump(tiny(meta_batch=2, threads=1).to_dict()))
-    done = torchrun("--max-restarts", "1", WORKER, "elastic", str(out))
+    done = torchrun("--max-restarts", "1", WORKER, "elastic", str(out), timeout=900)  # two starts of the group
     assert done.returncode == 0, failure(done)
     assert f"resuming {out}.run from its last checkpoint" in done.stdout
     assert main(["distill", "--config", str(tmp_path / "elastic.yaml"), "--out", str(tmp_path / "one")]) == 0
