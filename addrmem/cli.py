@@ -1,5 +1,5 @@
-"""The ``addrmem`` command: ``distill``, ``show``, ``eval``, ``continual`` and
-``query``.
+"""The ``addrmem`` command: ``distill``, ``show``, ``eval``, ``continual``,
+``query`` and ``export``.
 
 ``addrmem distill`` with no arguments distills scikit-learn's 8×8 digits at a
 budget of two images per class (on the GPU if torch sees one, else on the CPU:
@@ -21,16 +21,17 @@ import time
 import torch
 
 from . import parallel
-from .config import DistillConfig, default_config, derive_seed, device_name, resolve_device
+from .config import DistillConfig, default_config, derive_seed, device_name, read_yaml_mapping, resolve_device
 from .continual import BENCHMARKS as CONTINUAL_BENCHMARKS
 from .continual import ContinualConfig, make_stream, run_continual
 from .data import DATASETS, load_dataset
 from .evaluation import evaluate
 from .experiment import METHOD_NAMES, run_experiment
+from .export import export_imagefolder, export_tensors
 from .memory import AddressableMemory, load_memory
-from .networks import NETWORKS
+from .networks import NETWORKS, make_network
 from .query import BUILTIN_MAPS, format_query, load_map, run_query
-from .runs import BASELINE_DIR, save_grids
+from .runs import BASELINE_DIR, read_run_config, save_grids
 
 __all__ = ["main"]
 
@@ -66,6 +67,10 @@ _DISTILL_FLAGS = [
     ("--eval-arch", "eval_archs", _names, "NET,...", "also test every method with these networks "
      f"(cross-architecture; any of {', '.join(sorted(NETWORKS))}, with options such as "
      "convnet:width=64:depth=2:norm=none)"),
+    ("--val-nets", "val_nets", int, "N", "networks that measure the memory on the validation split"),
+    ("--eval-nets", "eval_nets", int, "N", "networks that test each method on the test split"),
+    ("--eval-epochs", "eval_epochs", int, "E", "epochs each validation and test network trains"),
+    ("--full-data-epochs", "full_data_epochs", int, "E", "epochs of the full-training-set reference (0 skips it)"),
     ("--seed", "seed", int, "S", "seed of every random draw (one seed, one result)"),
     ("--device", "device", str, "DEVICE", "auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda or "
      "cuda:N"),
@@ -98,13 +103,15 @@ def _parser() -> argparse.ArgumentParser:
         run.add_argument(flag, dest=field, type=kind, metavar=metavar, default=None,
                          help=text if shown is None else f"{text} (default: {shown})")
     run.add_argument("--out", metavar="RUN", default=None,
-                     help="new run folder (default: runs/DATASET-ipcK-seedS-TIMESTAMP)")
+                     help="new run folder (default: runs/DATASET-ipcK-seedS-TIMESTAMP); with --auto-resume, "
+                          "and under torchrun, a folder holding a run of the same config is resumed")
     run.add_argument("--config", metavar="FILE.yaml", default=None,
                      help="YAML mapping of config fields (any of those in a run's config.yaml)")
     run.add_argument("--resume", metavar="RUN", default=None,
                      help="continue an interrupted run where it stopped, with its saved config")
     run.add_argument("--download", action="store_true",
                      help="let torchvision download the dataset into --data-root if it is not there")
+    _run_options(run)
 
     show = commands.add_parser("show", help="redraw a run's PNG grids (bases.png, recall.png)",
                                description="Redraw the PNG grids of RUN's memories from their memory.pt.")
@@ -141,6 +148,19 @@ def _parser() -> argparse.ArgumentParser:
     cl.add_argument("--device", default=None, metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default: cpu)")
     cl.add_argument("--download", action="store_true",
                     help="let torchvision download the dataset into --data-root if it is not there")
+    _run_options(cl)
+
+    ex = commands.add_parser(
+        "export", help="write a run's recalled images as PNG files (ImageFolder) or as a tensor file",
+        description="Write the images RUN's memory recalls (RUN/baseline-image for the ImageMemory baseline): "
+                    "--format imagefolder: one PNG per image in OUT/<class>/<n>.png, normalisation and ZCA "
+                    "undone, for torchvision's ImageFolder; --format pt: torch.save of (images (N, C, H, W), "
+                    "labels (N,)) as the networks saw them (normalised, whitened if the run used ZCA), for "
+                    "dataset-distillation evaluation code. See docs/guide.md.")
+    ex.add_argument("run", metavar="RUN", help="run folder written by addrmem distill")
+    ex.add_argument("--format", required=True, choices=("imagefolder", "pt"), help="what to write")
+    ex.add_argument("--out", metavar="PATH", default=None,
+                    help="new folder (imagefolder; default RUN/imagefolder) or file (pt; default RUN/recalled.pt)")
 
     qu = commands.add_parser(
         "query", help="train classifiers for a new label space on images recalled from a run's memory",
@@ -159,22 +179,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_options(command) -> None:
+    """The options of the commands that write a resumable run folder (distill, continual)."""
+    command.add_argument("--auto-resume", action="store_true",
+                         help="resume --out if it holds a run of the same config, start it otherwise (the "
+                              "behaviour under torchrun, so that --max-restarts and requeued jobs continue)")
+    command.add_argument("--timeout", type=float, default=parallel.DEFAULT_TIMEOUT, metavar="SECONDS",
+                         help="under torchrun, how long a process waits for the others before it stops with "
+                              f"an error (default: {parallel.DEFAULT_TIMEOUT})")
+
+
 def main(argv=None) -> int:
     """Entry point of the ``addrmem`` command; ``argv`` defaults to
     ``sys.argv[1:]``. Returns 0; exits with a one-line message and status 1
     on bad input (SystemExit), 130 when interrupted. Under torchrun every
     process ends through :func:`_leave_group`."""
     args = _parser().parse_args(argv)
-    if args.command in ("distill", "continual"):
-        parallel.setup()  # under torchrun: join the process group
+    if args.command not in _GROUP_COMMANDS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if os.environ.get("RANK", "0") != "0":  # rank 0 says it, once
+            raise SystemExit(1)
+        raise SystemExit(f"addrmem: error: addrmem {args.command} runs in one process: run it without torchrun")
+    if args.command in _GROUP_COMMANDS:
+        parallel.setup(getattr(args, "timeout", parallel.DEFAULT_TIMEOUT))  # under torchrun: join the group
     command = {"distill": _distill, "show": _show, "eval": _eval, "continual": _continual,
-               "query": _query}[args.command]
+               "query": _query, "export": _export}[args.command]
     outcome = None  # the SystemExit to end with, if the command failed
     try:
         command(args)
-        if parallel.world_size() > 1:
-            torch.distributed.barrier()  # no rank leaves while another still talks to it
-    except (KeyboardInterrupt, OSError, ValueError, TypeError, FloatingPointError) as exc:
+        parallel.barrier()  # no rank leaves while another still talks to it
+    except (KeyboardInterrupt, OSError, ValueError, FloatingPointError, parallel.PeerError) as exc:
         outcome = _failure(exc, args)
     if parallel.world_size() > 1:
         _leave_group(outcome)
@@ -183,37 +216,51 @@ def main(argv=None) -> int:
     return 0
 
 
+_GROUP_COMMANDS = ("distill", "continual", "eval")
+"""The commands that join torchrun's process group; the others refuse to run under it."""
+
+
 def _failure(exc, args) -> SystemExit:
     """The exit for ``exc``: its one-line message (status 1), or 130 when
-    interrupted. Rank 0 reports; another rank reports only an error of its own."""
+    interrupted. One rank reports an error (the ``reporter`` that
+    :func:`addrmem.parallel.everywhere` and ``from_writer`` set; else the
+    rank that met it; a lost peer, rank 0); the others stay silent."""
     interrupted = isinstance(exc, KeyboardInterrupt)
-    if not parallel.is_writer():
-        if not interrupted and not getattr(exc, "raised_on_writer", False):
-            print(f"addrmem: error (rank {parallel.rank()}): {_first_line(exc)}", file=sys.stderr)
+    peer = isinstance(exc, parallel.PeerError)
+    reporter = getattr(exc, "reporter", 0 if peer or interrupted else parallel.rank())
+    if reporter != parallel.rank():
         return SystemExit(130 if interrupted else 1)
+    where = _run_folder(args)
+    resume = f"continue with: addrmem {args.command} --resume {where}" if where else ""
     if interrupted:
-        where = {"distill": getattr(args, "out", None), "continual": getattr(args, "run", None)}.get(args.command)
-        print(f"\naddrmem: interrupted; continue with: addrmem {args.command} --resume {where}" if where
-              else "\naddrmem: interrupted", file=sys.stderr)
+        print("\naddrmem: interrupted" + (f"; {resume}" if resume else ""), file=sys.stderr)
         return SystemExit(130)
-    if isinstance(exc, OSError):
-        return SystemExit(f"addrmem: error: {_os_error(exc, args)}")
-    return SystemExit(f"addrmem: error: {_first_line(exc)}")
+    if peer:
+        message = f"{_first_line(exc)}" + (f"; {resume} (under torchrun --max-restarts, a restart resumes it "
+                                           f"by itself)" if resume else "")
+    elif isinstance(exc, OSError):
+        message = _os_error(exc, args)
+    else:
+        message = _first_line(exc)
+    rank = f" (rank {reporter})" if reporter else ""
+    return SystemExit(f"addrmem: error{rank}: {message}")
+
+
+def _run_folder(args):
+    """The run folder a distill or continual command can be resumed from: one that exists and holds its
+    config.yaml (None otherwise, or for the other commands)."""
+    where = getattr(args, "run", None) if args.command in ("distill", "continual") else None
+    return where if where and os.path.isfile(os.path.join(where, "config.yaml")) else None
 
 
 def _leave_group(outcome) -> None:
-    """End a torchrun process: leave the process group, say ``outcome``'s
-    message, and exit at once with its status (0 if None). Exiting without
-    the interpreter's teardown keeps the collective library's threads from
-    aborting a process whose work is done."""
-    torch.distributed.destroy_process_group()
+    """End a torchrun process (:func:`addrmem.parallel.leave`), saying
+    ``outcome``'s message and exiting with its status (0 if None)."""
     code = 0 if outcome is None else outcome.code
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    parallel.leave(code)
 
 
 def _first_line(exc) -> str:
@@ -227,7 +274,7 @@ def _os_error(exc: OSError, args) -> str:
         return _first_line(exc)
     where = repr(exc.filename) if exc.filename else "the run folder"
     resumable = args.command in ("distill", "continual")  # commands that write a run folder, with --resume
-    run = getattr(args, "run", None) or (args.resume or args.out if resumable else None)
+    run = getattr(args, "run", None)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = (f"free space, then continue with: addrmem {args.command} --resume {run}" if resumable
                else "free space and run it again")
@@ -255,36 +302,51 @@ def _set_threads(config):
         torch.set_num_threads(config.threads)
 
 
-def _run_config(path):
-    config_path = os.path.join(path, "config.yaml")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{path!r} is not an addrmem run folder (no config.yaml): "
-                                f"give the folder that addrmem distill wrote")
-    return DistillConfig.from_yaml(config_path)
+def _open_settings(args, config_class, flags: dict, given: list, name: str):
+    """(config, run folder, ``resume`` for :func:`addrmem.runs.open_run_folder`)
+    of a distill or continual command: with --resume, the run's saved config;
+    else ``flags`` (config fields set by options; ``given``: those options)
+    over --config over the defaults, into --out (default
+    runs/NAME-TIMESTAMP), resumed if it holds a run of the same config with
+    --auto-resume or under torchrun. Sets ``args.run``."""
+    if args.resume:
+        if given or args.config or args.out or args.auto_resume:
+            raise ValueError(f"--resume takes every setting from the run's config.yaml; drop "
+                             f"{', '.join(given) or '--config/--out/--auto-resume'}")
+        config = parallel.from_writer(lambda: read_run_config(args.resume, config_class))
+        args.run, resume = args.resume, True
+    else:
+        config = parallel.everywhere(lambda: config_class.from_yaml(args.config, **flags) if args.config
+                                     else config_class.from_dict(flags))
+        args.run = args.out or parallel.from_writer(
+            lambda: os.path.join("runs", f"{name.format(c=config)}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        resume = "auto" if args.auto_resume or parallel.launched_by_torchrun() else False
+    parallel.everywhere(lambda: _use_device(config))
+    _set_threads(config)
+    return config, args.run, resume
 
 
 def _distill(args):
     flags = {field: getattr(args, field) for _, field, _, _, _ in _DISTILL_FLAGS
              if getattr(args, field) is not None}
-    if args.resume:
-        if flags or args.config or args.out:
-            given = ", ".join(flag for flag, field, _, _, _ in _DISTILL_FLAGS if field in flags)
-            raise ValueError(f"--resume takes every setting from the run's config.yaml; drop "
-                             f"{given or '--config/--out'}")
-        config, run_dir = parallel.from_writer(lambda: _run_config(args.resume)), args.resume
-    else:
-        config = (DistillConfig.from_yaml(args.config, **flags) if args.config
-                  else DistillConfig.from_dict(flags))
-        run_dir = args.out or os.path.join(
-            "runs", f"{config.dataset}-ipc{config.ipc}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    args.out = run_dir
-    _use_device(config)
-    _set_threads(config)
-    dataset = load_dataset(config.dataset, config.data_root, download=args.download, zca=config.zca)
-    results = run_experiment(config, dataset, run_dir, resume=bool(args.resume))
+    given = [flag for flag, field, _, _, _ in _DISTILL_FLAGS if field in flags]
+    parallel.everywhere(lambda: _check_dataset(args.config, flags.get("dataset")))
+    config, run_dir, resume = _open_settings(args, DistillConfig, flags, given, "{c.dataset}-ipc{c.ipc}-seed{c.seed}")
+    dataset = parallel.everywhere(lambda: load_dataset(config.dataset, config.data_root, download=args.download,
+                                                       zca=config.zca))
+    results = run_experiment(config, dataset, run_dir, resume=resume)
     if parallel.is_writer():
         print(_format_results(results, config))
         print(f"run folder: {run_dir}")
+
+
+def _check_dataset(config_file, dataset) -> None:
+    """Refuse ``--dataset`` with a config file written for another dataset."""
+    other = read_yaml_mapping(config_file).get("dataset", dataset) if config_file and dataset else dataset
+    if other != dataset:
+        raise ValueError(f"--dataset {dataset} with {config_file}, a config for {other}: its settings were "
+                         f"chosen for {other}; give a config for {dataset} (configs/{dataset}-*.yaml), or drop "
+                         f"--dataset")
 
 
 def _format_results(results, config) -> str:
@@ -320,7 +382,7 @@ def _memory_files(run_dir):
 
 
 def _show(args):
-    _run_config(args.run)
+    read_run_config(args.run, DistillConfig)
     for path in _memory_files(args.run):
         try:
             written = save_grids(load_memory(path), os.path.dirname(path))
@@ -330,26 +392,49 @@ def _show(args):
 
 
 def _eval(args):
-    config = _run_config(args.run)
-    if args.device:
-        config = DistillConfig.from_dict({"device": args.device}, base=config)
-    nets = config.eval_nets if args.nets is None else args.nets
-    if nets < 1:
-        raise ValueError(f"--nets must be >= 1; got {nets}")
-    device = _use_device(config)
-    _set_threads(config)
-    memory = load_memory(_memory_files(args.run)[0], map_location=device)
-    dataset = load_dataset(config.dataset, config.data_root, zca=config.zca)
+    """Under torchrun the processes share the networks out (:func:`addrmem.evaluation.evaluate`)."""
+
+    def prepare():
+        config = read_run_config(args.run, DistillConfig)
+        if args.device:
+            config = DistillConfig.from_dict({"device": args.device}, base=config)
+        nets = config.eval_nets if args.nets is None else args.nets
+        if nets < 1:
+            raise ValueError(f"--nets must be >= 1; got {nets}")
+        device = _use_device(config)
+        _set_threads(config)
+        memory = load_memory(_memory_files(args.run)[0], map_location=device)
+        dataset = load_dataset(config.dataset, config.data_root, zca=config.zca)
+        make_network(args.network or config.network_spec(), dataset.image_shape, dataset.num_classes, seed=0)
+        return config, nets, memory, dataset
+
+    config, nets, memory, dataset = parallel.everywhere(prepare)
     images, labels = memory.recall()
     acc = evaluate(images, labels, dataset, config, nets, split="test", seed=derive_seed(config.seed, "test"),
                    network=args.network, desc="test")
-    print(f"test accuracy of {args.run}/memory.pt ({type(memory).__name__}, {len(labels)} images) on "
-          f"{dataset.name}: {acc} % ({nets} {args.network or config.network_spec()} networks x "
-          f"{f'{config.eval_steps} steps' if config.eval_steps else f'{config.eval_epochs} epochs'})")
+    if parallel.is_writer():
+        print(f"test accuracy of {args.run}/memory.pt ({type(memory).__name__}, {len(labels)} images) on "
+              f"{dataset.name}: {acc} % ({nets} {args.network or config.network_spec()} networks x "
+              f"{f'{config.eval_steps} steps' if config.eval_steps else f'{config.eval_epochs} epochs'})")
+
+
+def _export(args):
+    read_run_config(args.run, DistillConfig)
+    path = _memory_files(args.run)[0]
+    memory = load_memory(path)
+    missing = [key for key in ("preprocessing", "classes") if key not in memory.extra]
+    if missing:
+        raise ValueError(f"{path!r} was saved without its {' and '.join(missing)}: distill it again")
+    default = "imagefolder" if args.format == "imagefolder" else "recalled.pt"
+    out = args.out or os.path.join(args.run, default)
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        raise FileExistsError(f"{out!r} exists: give another --out, or delete it")
+    count = export_imagefolder(memory, out) if args.format == "imagefolder" else export_tensors(memory, out)
+    print(f"{count} images of {path} written to {out}")
 
 
 def _query(args):
-    config = _run_config(args.run)
+    config = read_run_config(args.run, DistillConfig)
     device = _use_device(config)
     _set_threads(config)
     memories = {}
@@ -370,24 +455,10 @@ def _query(args):
 def _continual(args):
     flags = {name: getattr(args, name) for name in ("benchmark", "data_root", "seed", "device")
              if getattr(args, name) is not None}
-    if args.resume:
-        if flags or args.config or args.out:
-            raise ValueError("--resume takes every setting from the run's config.yaml; drop the other options")
-        path = os.path.join(args.resume, "config.yaml")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{args.resume!r} is not an addrmem continual run folder (no config.yaml): "
-                                    f"give the folder that addrmem continual wrote")
-        config, run_dir = ContinualConfig.from_yaml(path), args.resume
-    else:
-        config = (ContinualConfig.from_yaml(args.config, **flags) if args.config
-                  else ContinualConfig.from_dict(flags))
-        run_dir = args.out or os.path.join(
-            "runs", f"continual-{config.benchmark}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    args.run = run_dir  # where _os_error says the files are
-    _use_device(config)
-    _set_threads(config)
-    stream = make_stream(config, download=args.download)
-    results = run_continual(config, run_dir, resume=bool(args.resume), stream=stream)
+    given = ["--" + name.replace("_", "-") for name in flags]
+    config, run_dir, resume = _open_settings(args, ContinualConfig, flags, given, "continual-{c.benchmark}-seed{c.seed}")
+    stream = parallel.everywhere(lambda: make_stream(config, download=args.download))
+    results = run_continual(config, run_dir, resume=resume, stream=stream)
     if parallel.is_writer():
         print(_format_continual(results))
         print(f"run folder: {run_dir}")

@@ -1,6 +1,7 @@
 """The settings of a distillation run: :class:`DistillConfig`, the dataset
-presets (:data:`PRESETS`), YAML files, the run's random streams
-(:func:`derive_seed`) and the device it runs on (:func:`resolve_device`).
+presets (:data:`PRESETS`), YAML files and the device it runs on
+(:func:`resolve_device`). The run's random streams are
+:mod:`addrmem.seeding`'s (re-exported here).
 
 :class:`DistillConfig`'s defaults are the official README example
 (docs/method.md, "Reference settings"); :func:`default_config` adds the
@@ -14,17 +15,16 @@ import dataclasses
 import math
 import os
 import re
-import zlib
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import yaml
 
 from .files import atomic_write_text
 from .networks import NETWORK_OPTIONS, NETWORKS, network_spec, parse_network
+from .seeding import derive_seed, generator  # noqa: F401  (re-exported: addrmem.config.derive_seed keeps working)
 
-__all__ = ["DistillConfig", "PRESETS", "default_config", "derive_seed", "device_name", "generator",
+__all__ = ["DistillConfig", "FieldTypeError", "PRESETS", "default_config", "derive_seed", "device_name", "generator",
            "resolve_device"]
 
 
@@ -278,11 +278,17 @@ def check_known_fields(cls, values, label: str) -> None:
         raise ValueError(f"unknown {label} field(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(known))}")
 
 
+class FieldTypeError(TypeError, ValueError):
+    """A config field of the wrong type: a TypeError, and a ValueError too,
+    since it is bad input (a config file's value) that the command reports
+    in one line."""
+
+
 def check_field_types(config, label: str) -> None:
     """Check that every field of the dataclass ``config`` has its annotated
     type ("int", "float", "str", "str | None", "list...", "dict"; an int is
     accepted, and stored, as a float; floats must be finite). Raises
-    TypeError or ValueError naming ``label`` and the field."""
+    :class:`FieldTypeError` or ValueError naming ``label`` and the field."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if value is None and field.type == "str | None":
@@ -293,7 +299,7 @@ def check_field_types(config, label: str) -> None:
             value = float(value)
             setattr(config, field.name, value)
         if isinstance(value, bool) or not isinstance(value, kind):
-            raise TypeError(f"{label} field {field.name} must be {field.type}; got {value!r}")
+            raise FieldTypeError(f"{label} field {field.name} must be {field.type}; got {value!r}")
         if kind is float and not math.isfinite(value):
             raise ValueError(f"{label} field {field.name} must be a finite number; got {value}")
 
@@ -327,19 +333,6 @@ class _YamlLoader(yaml.SafeLoader):
 _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
                                   re.compile(r"[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
                                   list("-+0123456789"))
-
-
-def derive_seed(seed: int, *keys) -> int:
-    """A 63-bit seed for the stream named by ``keys`` (ints or strings) of run
-    seed ``seed``, via numpy's SeedSequence: independent streams, stable
-    across platforms and versions."""
-    words = [seed] + [zlib.crc32(str(k).encode()) for k in keys]
-    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def generator(seed: int, *keys) -> torch.Generator:
-    """A CPU torch.Generator seeded with :func:`derive_seed` (``seed``, ``keys``)."""
-    return torch.Generator().manual_seed(derive_seed(seed, *keys))
 
 
 def resolve_device(name: str) -> torch.device:

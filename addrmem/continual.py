@@ -14,7 +14,7 @@ keep of the tasks already seen:
 * ``joint``: every earlier task's whole training data (the upper bound; no
   budget).
 
-Tasks are distilled with :func:`addrmem.distill.outer_step`.
+Tasks are distilled with :class:`addrmem.distill.OuterLoop`.
 :func:`run_continual` runs the protocol, measures the accuracy matrix R and
 its metrics (:func:`metrics`), checkpoints after each task into a run folder
 (:mod:`addrmem.runs`) and writes ``results.json`` and PNG plots.
@@ -43,12 +43,12 @@ from . import parallel
 from .config import (DistillConfig, check_field_types, check_known_fields, derive_seed, device_name, generator,
                      read_yaml_mapping, resolve_device)
 from .data import load_dataset
-from .distill import RealPool, make_outer_optimizer, outer_generators, outer_step
+from .distill import OuterLoop
 from .evaluation import accuracy
 from .files import atomic_write, atomic_write_text
 from .memory import AddressableMemory, ImageMemory
 from .networks import MLP, NETWORKS, make_network
-from .runs import create_run_folder, load_checkpoint, save_checkpoint
+from .runs import load_checkpoint, open_run_folder, report_state, save_checkpoint
 
 __all__ = ["BENCHMARKS", "DISTILL_DEFAULTS", "METHODS", "ContinualConfig", "Stream", "make_stream", "metrics", "plot",
            "run_continual"]
@@ -534,13 +534,11 @@ class _Distilled(_Method):
             draws = generator(self.config.seed, self.name, "init-rows", t)
             own_bases = {"bases": learnt is memory} if self.kind == "addressable" else {}
             memory.init_from_real(images.to(next(memory.parameters())), local, draws, **own_bases)
-        device, dtype = self.distill.device_dtype()
-        real = RealPool(images, local, len(classes), device, dtype)
-        optimizer = make_outer_optimizer(learnt, self.distill)
-        generators = outer_generators(derive_seed(self.config.seed, self.name, "distill", t))
+        loop = OuterLoop(memory, self.distill, images, local, len(classes), learnt=learnt,
+                         seed=derive_seed(self.config.seed, self.name, "distill", t))
         for it in tqdm(range(self.distill.iterations), desc=f"distill {self.name} task {t}", leave=False,
                        disable=None if self.progress else True):
-            outer_step(memory, optimizer, self.distill, real, generators, it)
+            loop.step(it)
         if self.shared and self.shared_bases is None:
             self.shared_bases = memory.bases.detach().clone()
         self.memories.append((t, classes, memory))
@@ -647,8 +645,10 @@ def run_continual(config: ContinualConfig, run_dir: str | None = None, resume: b
     For task t = 0 .. T-1: each method learns task t (:class:`ContinualConfig`
     ``protocol``) and stores it in its memory; then each is tested on tasks
     0 .. t, giving row t of its matrix R (R[t][j] is null for j > t). With
-    ``run_dir`` it checkpoints after each task (``resume=True`` continues
-    from the last checkpoint with the result of an uninterrupted run) and
+    ``run_dir`` (opened by :func:`addrmem.runs.open_run_folder`: ``resume``
+    False starts it, True continues it from the last checkpoint with the
+    result of an uninterrupted run, "auto" does whichever fits) it
+    checkpoints after each task and
     writes ``config.yaml``, ``results.json``, ``accuracy.png`` and
     ``R-<method>.png``. ``stream`` defaults to :func:`make_stream` (config).
 
@@ -666,13 +666,18 @@ def run_continual(config: ContinualConfig, run_dir: str | None = None, resume: b
     FileExistsError (``run_dir`` not empty and not ``resume``) and OSError.
     """
     config.validate()
-    if any(m in ("image", "addressable") for m in config.methods):
-        parallel.check_meta_batch(config.distill_config().meta_batch)
     stream = stream or make_stream(config)
     methods = {name: _METHOD_CLASSES[name](name, config, stream) for name in config.methods}
-    for method in methods.values():
-        if isinstance(method, _Distilled):
-            method.check_budget()
+
+    def check():
+        """What can fail on bad input, on every rank, before the folder is written."""
+        if any(m in ("image", "addressable") for m in config.methods):
+            parallel.check_meta_batch(config.distill_config().meta_batch)
+        for method in methods.values():
+            if isinstance(method, _Distilled):
+                method.check_budget()
+
+    parallel.everywhere(check)  # a mistake every rank meets is reported once
     T = len(stream)
     state = {"task": 0, "R": {name: [[None] * T for _ in range(T)] for name in methods},
              "floats": {name: [] for name in methods}, "seconds": {name: 0.0 for name in methods}}
@@ -680,17 +685,15 @@ def run_continual(config: ContinualConfig, run_dir: str | None = None, resume: b
     writer = bool(run_dir) and parallel.is_writer()
 
     def start():
-        """The checkpoint to resume from (or None), after checking or writing the run folder."""
-        if resume:
-            saved = ContinualConfig.from_yaml(os.path.join(run_dir, "config.yaml"))
-            if saved != config:
-                raise ValueError(f"the config differs from {run_dir!r}/config.yaml: resume with the saved config")
-            return load_checkpoint(checkpoint, config.to_dict()) if os.path.exists(checkpoint) else None
-        create_run_folder(run_dir)
-        config.to_yaml(os.path.join(run_dir, "config.yaml"))
-        return None
+        """How the run folder was opened, and the checkpoint to resume from (or None)."""
+        opened = open_run_folder(run_dir, config, resume)
+        if opened in ("resumed", "finished"):
+            return opened, load_checkpoint(checkpoint, config.to_dict())
+        return opened, None
 
-    blob = parallel.from_writer(start) if run_dir else None  # rank 0 reads and writes for every rank
+    opened, blob = parallel.from_writer(start) if run_dir else ("started", None)  # rank 0 reads and writes
+    if progress:
+        report_state(run_dir, opened)
     if blob is not None:
         for name, method in methods.items():
             method.load(blob["methods"][name])

@@ -410,7 +410,12 @@ def _torchvision_loader(name: str, class_name: str, sources: list[str], layout: 
             try:
                 train, test = (getattr(torchvision.datasets, class_name)(root, download=download, **split)
                                for split in splits)
-            except RuntimeError as exc:  # torchvision's "Dataset not found or corrupted"
+            except (RuntimeError, OSError) as exc:  # "Dataset not found or corrupted"; a download that failed
+                if download and not isinstance(exc, FileNotFoundError):  # offline, blocked, or a mirror down
+                    reason = str(getattr(exc, "reason", exc)).strip().splitlines()
+                    raise FileNotFoundError(f"{name} could not be downloaded into {root!r} "
+                                            f"({reason[0] if reason else type(exc).__name__}): place "
+                                            f"{layout} yourself, and run without --download") from exc
                 raise FileNotFoundError(f"{name} not found (or corrupted) under {root!r}: {how}") from exc
             return RawData(*_tensors(train), *_tensors(test), list(classes or train.classes))
 

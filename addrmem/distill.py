@@ -38,7 +38,7 @@ from .memory import AddressableMemory, ImageMemory
 from .networks import make_network
 from .runs import cpu_state, load_checkpoint, read_log, save_checkpoint, save_grids, write_log
 
-__all__ = ["DistillResult", "RealPool", "STREAMS", "build_memory", "distill", "make_outer_optimizer",
+__all__ = ["DistillResult", "OuterLoop", "RealPool", "STREAMS", "build_memory", "distill", "make_outer_optimizer",
            "outer_generators", "outer_step"]
 
 STREAMS = ("task", "network", "rows", "real", "augment")
@@ -194,6 +194,43 @@ def outer_step(memory, optimizer: torch.optim.Optimizer, config: DistillConfig, 
     return loss, grad_norm
 
 
+class OuterLoop:
+    """An outer loop's state: ``memory``, its outer ``optimizer``
+    (:func:`make_outer_optimizer` over ``learnt``, default all of the
+    memory's parameters), the ``real`` pool (:class:`RealPool` of
+    ``real_images`` (N, C, H, W) and ``real_labels`` (N,) in [0,
+    ``num_classes``), on ``config``'s device and dtype) and the random
+    ``generators`` (:func:`outer_generators` of ``seed``, default
+    ``config.seed``). :meth:`step` takes one outer iteration;
+    :meth:`state_dict` and :meth:`load_state_dict` checkpoint what changes
+    (the memory, the optimizer, the generators)."""
+
+    def __init__(self, memory, config: DistillConfig, real_images: torch.Tensor, real_labels: torch.Tensor,
+                 num_classes: int, *, seed: int | None = None, learnt: torch.nn.Module | None = None):
+        self.memory = memory
+        self.config = config
+        self.optimizer = make_outer_optimizer(memory if learnt is None else learnt, config)
+        self.real = RealPool(real_images, real_labels, num_classes, *config.device_dtype())
+        self.generators = outer_generators(config.seed if seed is None else seed)
+
+    def step(self, iteration: int = 0, **hooks) -> tuple[float, float]:
+        """:func:`outer_step` on this loop's state (``hooks``: its ``gradient``
+        and ``phase``); returns (outer loss, gradient norm before clipping)."""
+        return outer_step(self.memory, self.optimizer, self.config, self.real, self.generators, iteration, **hooks)
+
+    def state_dict(self) -> dict:
+        """{"memory": its state on the CPU, "optimizer": its state, "generators": {name: state}}."""
+        return {"memory": cpu_state(self.memory.state_dict()), "optimizer": self.optimizer.state_dict(),
+                "generators": {name: g.get_state() for name, g in self.generators.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`."""
+        self.memory.load_state_dict(state["memory"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name, g in self.generators.items():
+            g.set_state(state["generators"][name])
+
+
 @dataclass
 class DistillResult:
     """What :func:`distill` returns: ``memory`` is the memory with the best
@@ -214,9 +251,8 @@ class _Run:
     def __init__(self, config, dataset, run_dir):
         self.config = config
         self.run_dir = run_dir
-        self.memory = build_memory(config, dataset)
-        self.optimizer = make_outer_optimizer(self.memory, config)
-        self.generators = outer_generators(config.seed)
+        self.loop = OuterLoop(build_memory(config, dataset), config, *dataset.train, dataset.num_classes)
+        self.memory = self.loop.memory
         self.iteration = 0
         self.best = None  # {"iteration", "val": Accuracy fields, "state": memory state}
         self.log = []
@@ -230,9 +266,7 @@ class _Run:
         save_checkpoint(self.path("checkpoint.pt"), {
             "config": self.config.to_dict(),
             "iteration": self.iteration,
-            "memory": cpu_state(self.memory.state_dict()),
-            "optimizer": self.optimizer.state_dict(),
-            "generators": {name: g.get_state() for name, g in self.generators.items()},
+            **self.loop.state_dict(),
             "best": None if self.best is None else {**self.best, "state": cpu_state(self.best["state"])},
             "log_records": len(self.log),
             "seconds": self.seconds,
@@ -245,10 +279,7 @@ class _Run:
         path = self.path("checkpoint.pt")
         blob, self.log = parallel.from_writer(lambda: self._read_checkpoint(path))
         try:
-            self.memory.load_state_dict(blob["memory"])
-            self.optimizer.load_state_dict(blob["optimizer"])
-            for name, g in self.generators.items():
-                g.set_state(blob["generators"][name])
+            self.loop.load_state_dict(blob)
             self.iteration = int(blob["iteration"])
             self.seconds = float(blob["seconds"])
             self.best = blob["best"]
@@ -307,7 +338,6 @@ def distill(config: DistillConfig, dataset: Dataset, run_dir: str | None = None,
             atomic_write_text(run.path("log.jsonl"), "")
     device, dtype = config.device_dtype()
     memory = run.memory
-    real = RealPool(*dataset.train, dataset.num_classes, device, dtype)
     val_seed = derive_seed(config.seed, "val")
     log_file = open(run.path("log.jsonl"), "a") if writer else None
 
@@ -338,7 +368,7 @@ def distill(config: DistillConfig, dataset: Dataset, run_dir: str | None = None,
             if it % config.eval_every == 0:
                 last_val = validate_memory()
                 record.update(val_mean=last_val.mean, val_std=last_val.std)
-            loss, grad_norm = outer_step(memory, run.optimizer, config, real, run.generators, it)
+            loss, grad_norm = run.loop.step(it)
             run.seconds += time.perf_counter() - start
             record.update(loss=loss, grad_norm=grad_norm, seconds=round(run.seconds, 3))
             write(record)

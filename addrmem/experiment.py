@@ -18,7 +18,7 @@ from .distill import build_memory, distill
 from .evaluation import evaluate
 from .files import atomic_write, atomic_write_text
 from .networks import make_network
-from .runs import BASELINE_DIR, create_run_folder
+from .runs import BASELINE_DIR, open_run_folder, read_json, report_state
 
 __all__ = ["METHOD_NAMES", "eval_networks", "plot_curves", "run_experiment"]
 
@@ -64,7 +64,9 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
       left out if 0).
 
     Each is tested with every architecture of :func:`eval_networks`.
-    ``run_dir`` must be new or empty (it is created), unless ``resume``.
+    ``run_dir`` is opened by :func:`addrmem.runs.open_run_folder`
+    (``resume``: False starts it, True continues it, "auto" does whichever
+    fits); a finished run returns its saved results.
     In a torch.distributed process group every rank must call it; rank 0
     alone writes (:mod:`addrmem.parallel`).
     Everything that can fail on bad input (config, budget, networks, a
@@ -79,33 +81,41 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
     ``test_seconds`` and ``wall_seconds``.
     """
     config.validate()
-    if (config.zca > 0) != (dataset.zca is not None):
-        raise ValueError(f"the config asks for zca {config.zca} but the dataset was loaded "
-                         f"{'with' if dataset.zca is not None else 'without'} ZCA: load it with zca=config.zca")
     configs = {config.memory: config}
     if config.memory == "addressable":
         configs["image"] = dataclasses.replace(config, memory="image", coeff_reg="none",  # it has no addresses
                                                outer_lr=config.baseline_outer_lr or config.outer_lr)
-    for cfg in configs.values():  # the budget and the networks must fit before anything is written
-        build_memory(cfg, dataset)
-    for arch in eval_networks(config):
-        make_network(arch, dataset.image_shape, dataset.num_classes, seed=0)
+
+    def check():
+        """What can fail on bad input, on every rank, before the folder is written."""
+        if (config.zca > 0) != (dataset.zca is not None):
+            raise ValueError(f"the config asks for zca {config.zca} but the dataset was loaded "
+                             f"{'with' if dataset.zca is not None else 'without'} ZCA: load it with zca=config.zca")
+        parallel.check_meta_batch(config.meta_batch)
+        rows = {kind: build_memory(cfg, dataset).per_class for kind, cfg in configs.items()}
+        for arch in eval_networks(config):
+            make_network(arch, dataset.image_shape, dataset.num_classes, seed=0)
+        return rows
 
     def start():
-        if resume:
-            saved = DistillConfig.from_yaml(os.path.join(run_dir, "config.yaml"))
-            if saved != config:
-                raise ValueError(f"the config differs from {run_dir!r}/config.yaml: resume with the saved config")
-        else:
-            create_run_folder(run_dir)
-            config.to_yaml(os.path.join(run_dir, "config.yaml"))
+        state = open_run_folder(run_dir, config, resume)
+        folder = os.path.join(run_dir, BASELINE_DIR)
         for kind, cfg in configs.items():
-            folder = os.path.join(run_dir, BASELINE_DIR)
             if kind != config.memory and not os.path.exists(os.path.join(folder, "config.yaml")):
                 os.makedirs(folder, exist_ok=True)
                 cfg.to_yaml(os.path.join(folder, "config.yaml"))
+        return state
 
-    parallel.from_writer(start)  # rank 0 writes; its errors are raised on every rank
+    rows = parallel.everywhere(check)  # a mistake every rank meets is reported once
+    state = parallel.from_writer(start)  # rank 0 writes; its errors are raised on every rank
+    if progress and parallel.is_writer():
+        capped = [f"{n} of the {kind} memory" for kind, n in rows.items() if n < config.n_per_c]
+        if capped:
+            print(f"n_per_c {config.n_per_c} is more than the rows per class it can take: each inner step takes "
+                  f"all {' and '.join(capped)}")
+        report_state(run_dir, state)
+    if state == "finished":
+        return parallel.from_writer(lambda: read_json(os.path.join(run_dir, "results.json")))
     test_seed = derive_seed(config.seed, "test")
     archs = eval_networks(config)
 
@@ -123,7 +133,7 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
     methods, seconds, curves = {}, {}, {}
     for kind, cfg in configs.items():
         folder = run_dir if kind == config.memory else os.path.join(run_dir, BASELINE_DIR)
-        result = distill(cfg, dataset, folder, resume=resume, progress=progress)
+        result = distill(cfg, dataset, folder, resume=state != "started", progress=progress)
         curves[kind] = [{"iteration": r["iteration"], "seconds": r["seconds"], "val_mean": r["val_mean"],
                          "val_std": r["val_std"]} for r in result.log if "val_mean" in r]
         for name, memory in ((kind, result.memory), (f"{kind}_undistilled", build_memory(cfg, dataset))):

@@ -14,17 +14,35 @@ others (:func:`from_writer`).
 
 Without a process group, every function here is the single-process case:
 rank 0 of 1.
+
+A collective that fails because another process stopped, or did not answer
+within the group's timeout, raises :class:`PeerError`. Under torchrun a
+process also stops when torchrun itself dies (:func:`setup`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import datetime
 import os
+import signal
+import sys
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["check_device", "check_meta_batch", "combine", "exchanged_bytes", "from_writer", "gather", "is_writer", "rank", "setup", "shard",
+__all__ = ["DEFAULT_TIMEOUT", "PeerError", "barrier", "check_device", "check_meta_batch", "combine", "everywhere",
+           "exchanged_bytes", "from_writer", "gather", "is_writer", "launched_by_torchrun", "leave", "rank", "setup", "shard",
            "world_size"]
+
+DEFAULT_TIMEOUT = 600
+"""Seconds a process waits in a collective for the others before giving up (:func:`setup`)."""
+
+
+class PeerError(RuntimeError):
+    """A collective failed: another process of the group stopped, or did not
+    answer within the group's timeout."""
 
 
 def _active() -> bool:
@@ -34,6 +52,25 @@ def _active() -> bool:
 def rank() -> int:
     """This process's rank in the default process group (0 without one)."""
     return dist.get_rank() if _active() else 0
+
+
+def barrier() -> None:
+    """Wait for every process of the group (nothing without one)."""
+    if world_size() > 1:
+        with _collective():
+            dist.barrier()
+
+
+def leave(code: int = 0) -> None:
+    """End a process of a group: leave the group, flush the output and exit
+    at once with status ``code``. Exiting without the interpreter's teardown
+    keeps the collective library's threads, torn down in an order that
+    depends on timing, from aborting (SIGABRT) a process whose work is
+    done, as they can on a loaded machine."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def world_size() -> int:
@@ -46,13 +83,23 @@ def is_writer() -> bool:
     return rank() == 0
 
 
-def setup() -> str:
+def launched_by_torchrun() -> bool:
+    """True in a process that torchrun started (it sets TORCHELASTIC_RUN_ID)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def setup(timeout: float = DEFAULT_TIMEOUT) -> str:
     """Join the process group ``torchrun`` describes in the environment
     (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), if it started
     this process with WORLD_SIZE > 1 and no group exists yet: gloo for CPU
     tensors, and NCCL for CUDA tensors when torch sees a GPU, each process
-    then on GPU LOCAL_RANK. Returns the backend, or "" if nothing was
-    started."""
+    then on GPU LOCAL_RANK. A collective then waits ``timeout`` seconds for
+    the other processes before raising :class:`PeerError`. Under torchrun
+    the process is also made to stop when torchrun dies
+    (:func:`_stop_with_parent`), whatever the group size. Returns the
+    backend, or "" if nothing was started."""
+    if launched_by_torchrun():
+        _stop_with_parent()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _active():
         return ""
     backend = "gloo"
@@ -61,8 +108,37 @@ def setup() -> str:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local < torch.cuda.device_count():
             torch.cuda.set_device(local)
-    dist.init_process_group(backend)
+    wait = datetime.timedelta(seconds=timeout)
+    store, rank_, size = next(dist.rendezvous("env://", timeout=wait))
+    # torchrun keeps one store across its restarts: without a prefix of its own, a restarted group would read
+    # the addresses of the processes it replaces, and fail to connect
+    store = dist.PrefixStore(f"addrmem/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend, store=store, rank=rank_, world_size=size, timeout=wait)
     return backend
+
+
+def _stop_with_parent() -> None:
+    """Have Linux send this process SIGTERM when its parent (torchrun) dies,
+    so that workers never outlive it (prctl PR_SET_PDEATHSIG); exit at once
+    if it died already. Does nothing where prctl is not available."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent:  # it died before the signal was armed (torchrun may itself be pid 1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _collective():
+    """Turn a collective's failure (a peer that stopped or timed out) into :class:`PeerError`."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise PeerError("another process of the group stopped, or did not answer within the group's timeout "
+                        "(torchrun's log says which)") from exc
 
 
 def check_device(device: torch.device) -> None:
@@ -110,7 +186,8 @@ def combine(local: list, n: int) -> torch.Tensor:
         if local:
             mine[:len(local)] = torch.stack(local)
         everyone = [torch.empty_like(mine) for _ in range(size)]
-        dist.all_gather(everyone, mine)
+        with _collective():
+            dist.all_gather(everyone, mine)
         vectors = [everyone[m % size][m // size] for m in range(n)]
     total = vectors[0].clone()
     for vector in vectors[1:]:
@@ -135,7 +212,8 @@ def gather(local: list, n: int) -> list:
     if size == 1:
         return list(local)
     everyone = [None] * size
-    dist.all_gather_object(everyone, list(local))
+    with _collective():
+        dist.all_gather_object(everyone, list(local))
     return [everyone[m % size][m // size] for m in range(n)]
 
 
@@ -143,7 +221,7 @@ def from_writer(read):
     """``read()`` run on rank 0 and its result sent to every rank; if it
     raises, every rank raises the same exception. Use it for what every rank
     needs from files only rank 0 may be able to see (a checkpoint, a saved
-    config). On the other ranks the exception has ``raised_on_writer = True``."""
+    config). The exception has ``reporter = 0``: rank 0 alone reports it."""
     if world_size() == 1:
         return read()
     box = [None]
@@ -152,9 +230,35 @@ def from_writer(read):
             box[0] = ("value", read())
         except Exception as exc:  # sent to the other ranks, raised everywhere
             box[0] = ("error", exc)
-    dist.broadcast_object_list(box, src=0)
+    with _collective():
+        dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
     if kind == "error":
-        value.raised_on_writer = True  # rank 0 raises it too, and reports it
+        value.reporter = 0
         raise value
+    return value
+
+
+def everywhere(check):
+    """``check()`` run on every rank; if it raises on any, every rank raises
+    the error of the lowest rank that failed, with ``reporter`` set to that
+    rank, so that a mistake every process meets (a bad config, a missing
+    GPU) is reported once. Returns this rank's result. Every rank must call
+    it."""
+    try:
+        value, error = check(), None
+    except Exception as exc:  # compared across the ranks, then raised everywhere
+        value, error = None, exc
+    if world_size() == 1:
+        if error is not None:
+            raise error
+        return value
+    everyone = [None] * world_size()
+    with _collective():
+        dist.all_gather_object(everyone, error)
+    failed = [r for r, e in enumerate(everyone) if e is not None]
+    if failed:
+        first = everyone[failed[0]]
+        first.reporter = failed[0]
+        raise first
     return value

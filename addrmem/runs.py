@@ -29,12 +29,13 @@ import os
 
 import torch.nn.functional as F
 
+from . import parallel
 from .data import to_display
 from .files import atomic_torch_save, atomic_write, atomic_write_text, load_torch
 from .memory import AddressableMemory
 
-__all__ = ["BASELINE_DIR", "CHECKPOINT_FORMAT", "cpu_state", "create_run_folder", "load_checkpoint", "read_log",
-           "save_checkpoint", "save_grids", "write_log"]
+__all__ = ["BASELINE_DIR", "CHECKPOINT_FORMAT", "cpu_state", "create_run_folder", "load_checkpoint", "open_run_folder",
+           "read_json", "read_log", "read_run_config", "report_state", "save_checkpoint", "save_grids", "write_log"]
 
 CHECKPOINT_FORMAT = 1
 BASELINE_DIR = "baseline-image"
@@ -58,6 +59,62 @@ def create_run_folder(run_dir: str) -> None:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, run_dir) from exc
+
+
+def read_run_config(run_dir: str, config_class):
+    """The config (an instance of ``config_class``: DistillConfig or
+    ContinualConfig) saved in ``run_dir``/config.yaml. Raises
+    FileNotFoundError if there is none, ValueError if it is not a valid
+    config."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir!r} is not an addrmem run folder (no config.yaml): give the folder "
+                                f"that addrmem wrote")
+    return config_class.from_yaml(path)
+
+
+def open_run_folder(run_dir: str, config, resume) -> str:
+    """Open ``run_dir`` for a run of ``config`` (a DistillConfig or
+    ContinualConfig): with ``resume`` False, start it (create the folder,
+    which must be new or empty, and write config.yaml); with True, continue
+    it (its config.yaml must be ``config``); with "auto", continue it if it
+    holds config.yaml and start it otherwise (what torchrun's restarts and a
+    scheduler's requeues need). Returns "started", "resumed" (it holds a
+    checkpoint), "restarted" (it was stopped before its first checkpoint,
+    so it starts over) or "finished" (it holds results.json). Raises
+    FileNotFoundError, ValueError (another config), FileExistsError,
+    NotADirectoryError or OSError, naming the fix."""
+    if resume not in (False, True, "auto"):
+        raise ValueError(f"resume must be False, True or 'auto'; got {resume!r}")
+    saved = os.path.join(run_dir, "config.yaml")
+    if resume is False or (resume == "auto" and not os.path.isfile(saved)):
+        create_run_folder(run_dir)
+        config.to_yaml(saved)
+        return "started"
+    if read_run_config(run_dir, type(config)) != config:
+        raise ValueError(f"{run_dir!r} holds a run of another config: give another output folder, or resume it "
+                         f"with its own config (--resume {run_dir})")
+    if os.path.exists(os.path.join(run_dir, "results.json")):
+        return "finished"
+    return "resumed" if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) else "restarted"
+
+
+def report_state(run_dir: str, state: str) -> None:
+    """Say on rank 0 what :func:`open_run_folder` found, unless it started a new run."""
+    notes = {"resumed": f"resuming {run_dir} from its last checkpoint",
+             "restarted": f"{run_dir} stopped before its first checkpoint: starting it over",
+             "finished": f"{run_dir} had finished: its saved results"}
+    if state in notes and parallel.is_writer():
+        print(notes[state], flush=True)
+
+
+def read_json(path: str):
+    """The JSON document in the file ``path``; ValueError naming the file if it is not JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path!r} is not valid JSON ({exc}): delete it, then resume the run") from exc
 
 
 def save_checkpoint(path: str, state: dict) -> None:

@@ -4,7 +4,7 @@ number of processes (docs/scaling.md).
 For each N of ``--processes`` the benchmark starts N processes with
 ``torchrun --standalone`` (gloo on the CPU, NCCL on GPUs, one GPU per
 process). Each runs one warm-up and then ``--iterations`` calls of the
-library's ``addrmem.distill.outer_step`` with ``meta_batch`` M: the N
+library's ``addrmem.distill.OuterLoop.step`` with ``meta_batch`` M: the N
 processes share out the M inner trajectories and combine their
 hypergradients once per outer iteration (``addrmem.parallel.combine``).
 
@@ -52,7 +52,7 @@ import torch
 
 from addrmem import parallel
 from addrmem.config import DistillConfig, default_config, device_name
-from addrmem.distill import RealPool, build_memory, make_outer_optimizer, outer_generators, outer_step
+from addrmem.distill import OuterLoop, build_memory
 
 SHAPES = {"digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "fashionmnist": ((1, 28, 28), 10),
           "svhn": ((3, 32, 32), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
@@ -72,16 +72,14 @@ def worker(args) -> None:
     n = parallel.world_size()
     m = args.meta_batch * n if args.weak else args.meta_batch
     config = DistillConfig.from_dict({"meta_batch": m}, base=config)
-    device, dtype = config.device_dtype()
+    device = config.device_dtype()[0]
     parallel.check_device(device)
     shape, classes = SHAPES[config.dataset]
     memory = build_memory(config, types.SimpleNamespace(num_classes=classes, image_shape=shape))
-    optimizer = make_outer_optimizer(memory, config)
     draws = torch.Generator().manual_seed(config.seed)
     per_class = 2 * config.real_per_class
-    real = RealPool(torch.randn(classes * per_class, *shape, generator=draws),
-                    torch.arange(classes).repeat_interleave(per_class), classes, device, dtype)
-    generators = outer_generators(config.seed)
+    loop = OuterLoop(memory, config, torch.randn(classes * per_class, *shape, generator=draws),
+                     torch.arange(classes).repeat_interleave(per_class), classes)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     update = []
 
@@ -103,7 +101,7 @@ def worker(args) -> None:
     for it in range(args.iterations + 1):
         sync()
         start = time.perf_counter()
-        outer_step(memory, optimizer, config, real, generators, it, phase=Timer)
+        loop.step(it, phase=Timer)
         sync()
         seconds.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
@@ -118,8 +116,8 @@ def worker(args) -> None:
                        "exchanged_bytes": parallel.exchanged_bytes(m, numel, memory.bases.element_size()),
                        "device": device_name(device), "threads": torch.get_num_threads()}, f)
     if n > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        parallel.barrier()
+        parallel.leave()
 
 
 def run(args, processes: int) -> dict:

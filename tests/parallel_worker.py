@@ -4,7 +4,9 @@ tests/parallel_worker.py JOB OUT``. Rank 0 saves what the test compares
 (torch.save) to OUT; JOB is one of the functions below."""
 
 import os
+import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -13,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from tiny_run import tiny  # noqa: E402
 
+from addrmem import cli  # noqa: E402
 from addrmem import distill as distill_module  # noqa: E402
 from addrmem import parallel  # noqa: E402
 from addrmem.data import load_dataset  # noqa: E402
@@ -107,11 +110,37 @@ def run(out, resume=False, interrupt_at=None):
                     "val": result.val.runs}, out)
 
 
+def linger(out):
+    """Write this process's pid to OUT.RANK, then wait to be stopped."""
+    with open(f"{out}.{parallel.rank()}.tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(f"{out}.{parallel.rank()}.tmp", f"{out}.{parallel.rank()}")
+    time.sleep(600)
+
+
+def elastic(out):
+    """``addrmem distill --config OUT.yaml --out OUT.run``, as torchrun --max-restarts starts it: in the first
+    attempt rank 1 is killed (SIGKILL) in its 4th hypergradient, after the checkpoint of iteration 2."""
+    if os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        real, calls = distill_module.hypergradient, []
+
+        def killed(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+
+        distill_module.hypergradient = killed
+    cli.main(["distill", "--config", out + ".yaml", "--out", out + ".run"])  # leaves the process itself
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     job, out = sys.argv[1], sys.argv[2]
+    if job == "elastic":
+        elastic(out)
     parallel.setup()
-    {"collectives": collectives, "step": step, "run": run,
+    {"collectives": collectives, "step": step, "run": run, "linger": linger,
      "interrupt": lambda out: run(out, interrupt_at=4), "resume": lambda out: run(out, resume=True)}[job](out)
-    dist.barrier()
-    dist.destroy_process_group()
+    parallel.barrier()
+    parallel.leave()

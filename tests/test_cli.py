@@ -86,7 +86,8 @@ def test_help_explains_the_options(capsys):
     out = capsys.readouterr().out
     for flag in ("--dataset", "--data-root", "--ipc", "--n-bases", "--downsample", "--steps", "--iterations",
                  "--inner-lr", "--outer-lr", "--seed", "--device", "--out", "--config", "--resume", "--zca",
-                 "--eval-arch", "--download"):
+                 "--eval-arch", "--download", "--eval-nets", "--eval-epochs", "--val-nets", "--full-data-epochs",
+                 "--auto-resume", "--timeout"):
         assert flag in out
 
 
@@ -131,8 +132,14 @@ def test_output_folder_in_use(run, tiny_yaml, capsys):
     fails(["distill", "--config", tiny_yaml, "--out", run], capsys, "not empty")
 
 
+def unfinished(run):
+    """``run`` as if stopped after its last checkpoint (a finished run's --resume only reprints its results)."""
+    os.remove(os.path.join(run, "results.json"))
+    return run
+
+
 def test_corrupt_checkpoint(run, capsys):
-    path = os.path.join(run, "checkpoint.pt")
+    path = os.path.join(unfinished(run), "checkpoint.pt")
     with open(path, "r+b") as f:
         f.truncate(100)
     fails(["distill", "--resume", run], capsys, "corrupt")
@@ -229,6 +236,7 @@ def test_out_on_a_read_only_file_system(tmp_path, tiny_yaml, capsys, monkeypatch
 
 @pytest.mark.parametrize("command", [["show"], ["distill", "--resume"]])
 def test_a_read_only_run(run, capsys, monkeypatch, command):
+    unfinished(run)
     before = {name: os.path.getmtime(os.path.join(run, name)) for name in os.listdir(run)}
     read_only(monkeypatch, run)
     fails([*command, run], capsys, f"(Read-only file system): copy the run folder somewhere writable (cp -r {run}")
@@ -269,6 +277,7 @@ def test_disk_full_during_a_checkpoint(tmp_path, tiny_yaml, capsys, monkeypatch)
 
 @pytest.mark.parametrize("name", ["memory.pt", "checkpoint.pt"])
 def test_corrupt_tensor_bytes(run, capsys, name):
+    unfinished(run)
     path = os.path.join(run, name)
     blob = bytearray(open(path, "rb").read())
     key = "state_dict" if name == "memory.pt" else "memory"
@@ -281,6 +290,7 @@ def test_corrupt_tensor_bytes(run, capsys, name):
 
 
 def test_garbled_log_record(run, capsys):
+    unfinished(run)
     path = os.path.join(run, "log.jsonl")
     lines = open(path).read().splitlines()
     lines[0] = "{garbled"
@@ -317,16 +327,112 @@ def test_yaml_exponent_floats_are_accepted(tmp_path, capsys):
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["inner_lr"] == 0.01
 
 
+@pytest.mark.parametrize("started", [True, False])
 @pytest.mark.parametrize("command", ["distill", "continual"])
-def test_interrupt_says_how_to_resume(command, tmp_path, monkeypatch, capsys):
+def test_interrupt_says_how_to_resume(command, started, tmp_path, monkeypatch, capsys):
+    """The hint names the run folder only once it holds a run to resume."""
     import addrmem.cli as cli
 
-    def interrupted(*args, **kwargs):
+    out = str(tmp_path / "run")
+
+    def interrupted(config, *args, **kwargs):
+        if started:
+            os.makedirs(out)
+            config.to_yaml(os.path.join(out, "config.yaml"))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "run_experiment" if command == "distill" else "run_continual", interrupted)
-    out = str(tmp_path / "run")
     with pytest.raises(SystemExit) as stop:
         main([command, "--out", out])
     assert stop.value.code == 130
-    assert f"continue with: addrmem {command} --resume {out}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "addrmem: interrupted" in err
+    assert (f"continue with: addrmem {command} --resume {out}" in err) == started, err
+
+
+def test_export_imagefolder_reads_back_with_torchvision(run, tmp_path, capsys):
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms.functional import to_tensor
+
+    from addrmem.data import to_display
+
+    out = tmp_path / "folder"
+    assert main(["export", run, "--format", "imagefolder", "--out", str(out)]) == 0
+    memory = load_memory(os.path.join(run, "memory.pt"))
+    images, labels = memory.recall()
+    expected = to_display(images, memory.extra["preprocessing"])  # normalisation undone, in [0, 1]
+    data = ImageFolder(str(out))
+    assert data.classes == [str(c) for c in memory.extra["classes"]]
+    assert data.targets == labels.tolist()  # class-major, in recall order
+    for (image, target), want in zip(data, expected):
+        got = to_tensor(image)[:1]  # ImageFolder reads grey PNGs as RGB
+        assert got.shape == want.shape and (got - want).abs().max() <= 0.5 / 255 + 1e-6
+    fails(["export", run, "--format", "imagefolder", "--out", str(out)], capsys, "exists: give another --out")
+
+
+def test_export_pt_holds_the_images_the_networks_saw(run, tmp_path):
+    for folder in (run, os.path.join(run, "baseline-image")):
+        assert main(["export", folder, "--format", "pt"]) == 0
+        images, labels = torch.load(os.path.join(folder, "recalled.pt"), weights_only=True)
+        want_images, want_labels = load_memory(os.path.join(folder, "memory.pt")).recall()
+        assert torch.equal(images, want_images.detach()) and torch.equal(labels, want_labels)
+
+
+def test_a_bug_in_addrmem_is_not_dressed_as_a_user_error(tmp_path, monkeypatch):
+    import addrmem.cli as cli
+
+    def buggy(*args, **kwargs):
+        return len(None)
+
+    monkeypatch.setattr(cli, "run_experiment", buggy)
+    with pytest.raises(TypeError):
+        main(["distill", "--out", str(tmp_path / "r")])
+
+
+def test_a_config_value_of_the_wrong_type(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: many\n")
+    fails(["distill", "--config", str(bad), "--out", str(tmp_path / "r")], capsys, "config field steps must be int")
+
+
+def test_resume_says_what_it_found(run, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["distill", "--resume", run]) == 0
+    assert f"{run} had finished: its saved results" in capsys.readouterr().out
+    early = tmp_path / "early"  # stopped before its first checkpoint
+    early.mkdir()
+    (early / "config.yaml").write_text(open(os.path.join(run, "config.yaml")).read())
+    assert main(["distill", "--resume", str(early)]) == 0
+    assert f"{early} stopped before its first checkpoint: starting it over" in capsys.readouterr().out
+    assert json.load(open(early / "results.json"))["methods"] == json.load(open(os.path.join(run, "results.json")))["methods"]
+
+
+def test_auto_resume_starts_or_resumes_out(run, tmp_path, tiny_yaml, capsys):
+    fresh = str(tmp_path / "fresh")
+    assert main(["distill", "--config", tiny_yaml, "--seed", "3", "--out", fresh, "--auto-resume"]) == 0
+    assert "had finished" not in capsys.readouterr().out
+    assert main(["distill", "--config", tiny_yaml, "--seed", "3", "--out", run, "--auto-resume"]) == 0
+    assert f"{run} had finished" in capsys.readouterr().out
+    fails(["distill", "--config", tiny_yaml, "--seed", "4", "--out", run, "--auto-resume"], capsys,
+          "holds a run of another config")
+
+
+def test_evaluation_flags_and_the_capped_n_per_c(tmp_path, tiny_yaml, capsys):
+    out = tmp_path / "r"
+    assert main(["distill", "--config", tiny_yaml, "--iterations", "1", "--val-nets", "2", "--eval-nets", "2",
+                 "--eval-epochs", "1", "--full-data-epochs", "0", "--out", str(out)]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["val_nets"], saved["eval_nets"], saved["eval_epochs"], saved["full_data_epochs"]) == (2, 2, 1, 0)
+    printed = capsys.readouterr().out
+    assert "2 networks x 1 epochs" in printed and "full training set" not in printed
+    # TINY's n_per_c 3 is more than the ImageMemory's one row per class
+    assert "n_per_c 3 is more than the rows per class it can take: each inner step takes all 1 of the image memory" \
+        in printed
+
+
+def test_dataset_flag_against_a_config_for_another_dataset(tmp_path, capsys):
+    config = tmp_path / "digits.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "dataset": "digits"}))
+    fails(["distill", "--config", str(config), "--dataset", "mnist", "--out", str(tmp_path / "r")], capsys,
+          "--dataset mnist with " + str(config) + ", a config for digits")
+    assert not (tmp_path / "r").exists()

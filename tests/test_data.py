@@ -456,3 +456,17 @@ def test_to_display_in_unit_range(toy):
     original = _toy_loader(None, False).test_images.flatten(1)
     shown = to_display(white.test[0], white.preprocessing()).flatten(1)
     assert all(torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.99 for a, b in zip(shown, original))
+
+
+@pytest.mark.parametrize("name, layout", [("mnist", "MNIST/raw/"), ("cifar10", "cifar-10-batches-py/")])
+def test_download_offline_says_where_to_place_the_files(tmp_path, monkeypatch, name, layout):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(FileNotFoundError, match=f"{name} could not be downloaded into .*: place .*{layout}.* "
+                                                f"yourself, and run without --download"):
+        load_dataset(name, str(tmp_path / "data"), download=True)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -19,13 +20,13 @@ from addrmem.config import DistillConfig
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
 
 
-def torchrun(*args, nproc=2, cwd=None):
+def torchrun(*args, nproc=2, cwd=None, timeout=300):
     """Run ``args`` under torchrun with ``nproc`` CPU processes; returns the completed process. Give a ``cwd``
     outside the repository for ``-m addrmem``, so that it imports the installed package."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc-per-node={nproc}", *args], capture_output=True, text=True, env=env,
-                          timeout=300, cwd=cwd)
+                          timeout=timeout, cwd=cwd)
     return done
 
 
@@ -153,6 +154,27 @@ def test_cli_under_torchrun(tmp_path):
     assert again.stdout.count("test accuracy (%)") == 1
 
 
+def test_a_killed_worker_restarted_by_torchrun_resumes_to_the_uninterrupted_result(tmp_path):
+    """torchrun --max-restarts 1 restarts both workers after one is killed; `--out` resumes the run from its
+    checkpoint, to the results and memory of an uninterrupted run."""
+    from addrmem.cli import main
+    from addrmem.memory import load_memory
+
+    out = tmp_path / "elastic"
+    (tmp_path / "elastic.yaml").write_text(yaml.safe_dump(tiny(meta_batch=2, threads=1).to_dict()))
+    done = torchrun("--max-restarts", "1", WORKER, "elastic", str(out), timeout=900)  # two starts of the group
+    assert done.returncode == 0, failure(done)
+    assert f"resuming {out}.run from its last checkpoint" in done.stdout
+    assert main(["distill", "--config", str(tmp_path / "elastic.yaml"), "--out", str(tmp_path / "one")]) == 0
+    results = [json.loads((folder / "results.json").read_text()) for folder in (tmp_path / "elastic.run",
+                                                                                 tmp_path / "one")]
+    assert results[0]["methods"] == results[1]["methods"]
+    for name in ("memory.pt", "baseline-image/memory.pt"):
+        memories = [load_memory(str(folder / name)) for folder in (tmp_path / "elastic.run", tmp_path / "one")]
+        for key, value in memories[1].state_dict().items():
+            assert torch.equal(memories[0].state_dict()[key], value)
+
+
 def test_cli_error_under_torchrun_is_one_line(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("mine")
@@ -181,22 +203,117 @@ def test_continual_under_torchrun_equals_one_process(tmp_path):
         assert results[0]["methods"][method]["R"] == results[1]["methods"][method]["R"]
 
 
-def test_other_ranks_report_only_their_own_errors(monkeypatch, capsys, tmp_path):
+def test_one_rank_reports_each_error(monkeypatch, capsys, tmp_path):
+    """The rank an error names as its reporter says it, once; the other ranks stay silent."""
     from addrmem import cli
 
     monkeypatch.setattr(parallel, "is_writer", lambda: False)
     monkeypatch.setattr(parallel, "rank", lambda: 1)
     with pytest.raises(SystemExit) as stop:  # an error of this rank alone: said, with the rank
         cli.main(["distill", "--device", "cuda:99", "--out", str(tmp_path / "a")])
-    assert stop.value.code == 1
-    assert capsys.readouterr().err.startswith("addrmem: error (rank 1): device 'cuda:99'")
+    assert stop.value.code.startswith("addrmem: error (rank 1): device 'cuda:99'")
 
     def shared_error(*args, **kwargs):
         exc = FileExistsError("'x' is not empty")
-        exc.raised_on_writer = True  # as from_writer raises rank 0's error on the other ranks
+        exc.reporter = 0  # as from_writer and everywhere raise rank 0's error on the other ranks
         raise exc
 
     monkeypatch.setattr(cli, "run_experiment", shared_error)
     with pytest.raises(SystemExit) as stop:  # rank 0's error: rank 0 says it, this rank is silent
         cli.main(["distill", "--out", str(tmp_path / "b")])
     assert stop.value.code == 1 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("flag, value, match", [("--meta-batch", "1", "meta_batch 1 is smaller than the 2 processes"),
+                                                ("--device", "cuda", "torch sees no CUDA GPU")])
+def test_an_error_every_rank_meets_is_said_once_before_the_folder_is_written(tmp_path, flag, value, match):
+    done = torchrun("-m", "addrmem", "distill", flag, value, "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.count("addrmem: error") == 1 and match in done.stderr, failure(done)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_lost_peer_is_one_line_with_the_resume_hint(monkeypatch, tmp_path):
+    from addrmem import cli
+
+    out = tmp_path / "run"
+
+    def peer_lost(config, *args, **kwargs):
+        out.mkdir()
+        config.to_yaml(out / "config.yaml")
+        raise parallel.PeerError("another process of the group stopped")
+
+    monkeypatch.setattr(cli, "run_experiment", peer_lost)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["distill", "--out", str(out)])
+    assert stop.value.code == (f"addrmem: error: another process of the group stopped; continue with: addrmem "
+                               f"distill --resume {out} (under torchrun --max-restarts, a restart resumes it by "
+                               f"itself)")
+
+
+def test_the_group_timeout_is_a_setting(monkeypatch, tmp_path):
+    from addrmem import cli
+
+    seen = []
+    monkeypatch.setattr(parallel, "setup", lambda timeout: seen.append(timeout) or "")
+    monkeypatch.setattr(cli, "run_experiment", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    for argv in (["--timeout", "42"], []):
+        with pytest.raises(SystemExit):
+            cli.main(["distill", *argv, "--out", str(tmp_path / "run")])
+    assert seen == [42.0, parallel.DEFAULT_TIMEOUT]
+
+
+def test_query_under_torchrun_is_refused_once(tmp_path):
+    done = torchrun("-m", "addrmem", "query", str(tmp_path / "run"), "--map", "parity", cwd=tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.count("addrmem: error: addrmem query runs in one process: run it without torchrun") == 1
+
+
+def test_eval_under_torchrun_shares_the_networks_out(tmp_path):
+    from addrmem.cli import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny(iterations=1, eval_every=1, threads=1).to_dict()))
+    assert main(["distill", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    alone = subprocess.run([sys.executable, "-m", "addrmem", "eval", str(tmp_path / "run"), "--nets", "3"],
+                           capture_output=True, text=True, cwd=tmp_path,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert alone.returncode == 0, failure(alone)
+    done = torchrun("-m", "addrmem", "eval", str(tmp_path / "run"), "--nets", "3", cwd=tmp_path)
+    assert done.returncode == 0, failure(done)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("test accuracy")]
+    assert lines == [line for line in alone.stdout.splitlines() if line.startswith("test accuracy")]
+
+
+def test_workers_stop_when_torchrun_dies(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                              WORKER, "linger", str(tmp_path / "pid")], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        files = [tmp_path / "pid.0", tmp_path / "pid.1"]
+        pids = wait_for(lambda: all(f.exists() for f in files) and [int(f.read_text()) for f in files])
+        agent.kill()
+        agent.wait()
+        assert wait_for(lambda: not any(alive(pid) for pid in pids) or None)
+    finally:
+        agent.kill()
+
+
+def wait_for(probe, seconds=120):
+    """probe()'s first truthy value, polled twice a second for up to ``seconds``."""
+    for _ in range(2 * seconds):
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {seconds} s")
+
+
+def alive(pid) -> bool:
+    """Whether process ``pid`` runs (a zombie, waiting for its parent to reap it, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
