@@ -178,7 +178,8 @@ def test_a_killed_worker_restarted_by_torchrun_resumes_to_the_uninterrupted_resu
 def test_cli_error_under_torchrun_is_one_line(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("mine")
-    done = torchrun("-m", "addrmem", "distill", "--iterations", "1", "--out", str(tmp_path / "full"), cwd=tmp_path)
+    done = torchrun("-m", "addrmem", "distill", "--iterations", "1", "--meta-batch", "2", "--out",
+                    str(tmp_path / "full"), cwd=tmp_path)
     assert done.returncode != 0
     assert done.stderr.count("addrmem: error:") == 1 and "is not empty" in done.stderr
     assert (tmp_path / "full" / "x").read_text() == "mine"
