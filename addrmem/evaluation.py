@@ -93,10 +93,11 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, confi
         optimizer = torch.optim.SGD(net.parameters(), lr=config.eval_lr, momentum=config.eval_momentum)
         net.train()
         for batch in _batches(len(labels), config, draws):
-            x = images[batch.to(device)]
+            batch = batch.to(device)
+            x = images[batch]
             if config.augment == "flip_rotate":
                 x = augment_per_image(x, draws)
-            loss = F.cross_entropy(net(x), labels[batch.to(device)])
+            loss = F.cross_entropy(net(x), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -92,7 +92,9 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
             raise ValueError(f"the config asks for zca {config.zca} but the dataset was loaded "
                              f"{'with' if dataset.zca is not None else 'without'} ZCA: load it with zca=config.zca")
         parallel.check_meta_batch(config.meta_batch)
-        rows = {kind: build_memory(cfg, dataset).per_class for kind, cfg in configs.items()}
+        # The budget does not depend on the start: skip init: real's PCA here (the undistilled rows build it).
+        rows = {kind: build_memory(dataclasses.replace(cfg, init="xavier"), dataset).per_class
+                for kind, cfg in configs.items()}
         for arch in eval_networks(config):
             make_network(arch, dataset.image_shape, dataset.num_classes, seed=0)
         return rows

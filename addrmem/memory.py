@@ -159,8 +159,8 @@ class _Memory(nn.Module):
         rows = keys.topk(n_per_c, dim=1).indices + classes.to(draw_device)[:, None] * self.per_class
         return rows.reshape(-1).to(self.device)
 
-    @staticmethod
-    def _check_real(images, labels, num_classes, image_shape):
+    def _check_real(self, images, labels):
+        num_classes, image_shape = self.num_classes, self.image_shape
         if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
             raise TypeError("images and labels must be tensors")
         if images.dim() != 4 or tuple(images.shape[1:]) != tuple(image_shape) or not images.is_floating_point():
@@ -287,7 +287,7 @@ class AddressableMemory(_Memory):
         lets one outer learning rate move both. Raises TypeError or
         ValueError for images or labels that do not fit.
         """
-        self._check_real(images, labels, self.num_classes, self.image_shape)
+        self._check_real(images, labels)
         param = self.bases
         picks = self._pick_real(labels, generator)
         low, metric = self._least_squares_low(images.to(param.device, torch.float64))  # (N, d_low), (d_low, d_low)
@@ -375,7 +375,7 @@ class ImageMemory(_Memory):
         real image of class c from ``images`` (N, C, H, W) with ``labels`` (N,)
         int64 covering every class, drawn from ``generator`` without repeats
         where the class has enough images. Returns self."""
-        self._check_real(images, labels, self.num_classes, self.image_shape)
+        self._check_real(images, labels)
         picks = self._pick_real(labels, generator)
         self.images.copy_(images[picks].to(self.images))
         return self
