@@ -16,6 +16,13 @@
 #   racecheck  compute-sanitizer racecheck  } on the CUDA op tests, addrmem's
 #   synccheck  compute-sanitizer synccheck  } kernels only (not cuBLAS's or
 #   initcheck  compute-sanitizer initcheck  } PyTorch's)
+#   footprints compute-sanitizer memcheck on issue 18's forward shapes whose
+#              tiles once overran their shared memory, against the CPU kernel
+#   smem48k    the adjoint past 48 KB of shared memory (opt-in), and past the
+#              device's limit (the op's own error)
+#   float64    float64 CUDA against the CPU kernel to 1e-14, every test case
+#   determinism  the indexed backward, N=8192 with repeats, bit-identical 3 times
+#   huge       output and grad_out of more than 2^31 elements
 #   speed      benchmarks/kernel_speed.py (fails if addrmem mismatches the reference)
 #   outer      benchmarks/outer_step.py and benchmarks/distill_speed.py
 #   all        every step above, in order (for a machine without a time limit)
@@ -92,6 +99,26 @@ step() {
         python3 -m pytest -q -x tests/test_ops.py -k "cuda and not device_assert" --junitxml "$OUT/memcheck.xml"
       ;;
     racecheck | synccheck | initcheck) sanitize "$1" ;;
+    footprints)
+      need_cuda_build
+      run footprints env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        python3 -m pytest -q -x tests/test_ops.py -k issue18_footprints --junitxml "$OUT/footprints.xml"
+      ;;
+    smem48k | float64 | determinism | huge)
+      need_cuda_build
+      local test
+      test=$(case "$1" in
+        smem48k) echo issue18_shared_memory_past_48kb ;;
+        float64) echo issue18_float64_matches_cpu_kernel ;;
+        determinism) echo issue18_indexed_backward_is_bit_identical ;;
+        huge) echo issue18_more_than_2_31_elements ;;
+      esac)
+      run "$1" python3 -m pytest -q -x tests/test_ops.py -k "$test" --junitxml "$OUT/$1.xml"
+      if grep -q "skipped" "$OUT/$1.log" && ! grep -q "passed" "$OUT/$1.log"; then
+        echo "$1: the test was skipped"
+        exit 1
+      fi
+      ;;
     speed)
       need_cuda_build
       run kernel_speed python3 benchmarks/kernel_speed.py --device cuda --json "$OUT/kernel_speed.json"
@@ -108,7 +135,9 @@ step() {
         --json "$OUT/distill_speed.json"
       ;;
     all)
-      for s in build suite memcheck racecheck synccheck initcheck speed outer; do step "$s"; done
+      for s in build footprints smem48k float64 determinism huge suite memcheck racecheck synccheck initcheck speed outer; do
+        step "$s"
+      done
       ;;
     *) usage ;;
   esac
