@@ -14,7 +14,8 @@
 //             line is widened once, then every output row blends two widened
 //             rows;
 //   backward: the adjoint of those two steps folds the output gradient into
-//             a block buffer G_low, then grad_rows = G_low @ B^T and this
+//             a block buffer G_low, then grad_rows = G_low @ B^T (below 16
+//             bases as dot products of rows: the output is only K wide) and this
 //             block's share of grad_B = A_rows^T @ G_low (two small GEMMs);
 //             grad_B is summed over at most 8 fixed chunks of blocks, in
 //             chunk order.
@@ -277,6 +278,53 @@ ADDRMEM_MULTIVERSION void gemm_rows_bases(const acc_t* __restrict__ rows, const 
   }
 }
 
+// out (n, K) = G (n, D) @ B (K, D)^T as dot products of contiguous rows: the
+// backward's grad_rows with fewer than kDotsBelow bases, too few output
+// columns for gemm_rows_bases' register tiles (which take B^T). Each is
+// summed in kLanes interleaved partial sums (lane l takes the elements
+// d = l mod kLanes, in order), then over the lanes in order: a fixed order,
+// with kLanes independent sums per step, which the compiler vectorises.
+constexpr int64_t kLanes = 16, kDotsBelow = 16;
+
+// Rows g[0..ROWS) against bases b[0..BASES); pairs past nr rows or nk bases
+// repeat valid ones and are not stored.
+template <int64_t ROWS, int64_t BASES, typename acc_t>
+ADDRMEM_INLINE void dots_tile(const acc_t* const* g, const acc_t* const* b, acc_t* __restrict__ out, int64_t nr,
+                              int64_t nk, int64_t K, int64_t D) {
+  acc_t acc[ROWS][BASES][kLanes] = {};
+  int64_t d0 = 0;
+  for (; d0 + kLanes <= D; d0 += kLanes)
+    for (int64_t q = 0; q < ROWS; ++q)
+      for (int64_t k = 0; k < BASES; ++k)
+        for (int64_t l = 0; l < kLanes; ++l) acc[q][k][l] += g[q][d0 + l] * b[k][d0 + l];
+  for (int64_t l = 0; d0 + l < D; ++l)
+    for (int64_t q = 0; q < ROWS; ++q)
+      for (int64_t k = 0; k < BASES; ++k) acc[q][k][l] += g[q][d0 + l] * b[k][d0 + l];
+  for (int64_t q = 0; q < std::min(ROWS, nr); ++q)
+    for (int64_t k = 0; k < std::min(BASES, nk); ++k) {
+      acc_t v = acc[q][k][0];
+      for (int64_t l = 1; l < kLanes; ++l) v += acc[q][k][l];
+      out[q * K + k] = v;
+    }
+}
+
+template <typename acc_t>
+ADDRMEM_MULTIVERSION void gemm_rows_bases_t(const acc_t* __restrict__ G, const acc_t* __restrict__ B,
+                                            acc_t* __restrict__ out, int64_t n, int64_t K, int64_t D) {
+  constexpr int64_t kRows = 4, kBases = 2;
+  for (int64_t i0 = 0; i0 < n; i0 += kRows) {
+    const int64_t nr = std::min(kRows, n - i0);
+    const acc_t* g[kRows];
+    for (int64_t q = 0; q < kRows; ++q) g[q] = G + (i0 + std::min(q, nr - 1)) * D;
+    for (int64_t k0 = 0; k0 < K; k0 += kBases) {
+      const int64_t nk = std::min(kBases, K - k0);
+      const acc_t* b[kBases];
+      for (int64_t k = 0; k < kBases; ++k) b[k] = B + (k0 + std::min(k, nk - 1)) * D;
+      dots_tile<kRows, kBases>(g, b, out + i0 * K + k0, nr, nk, K, D);
+    }
+  }
+}
+
 // P (K, D) = (first ? 0 : P) + rows (n, K)^T @ G (n, D); each element summed
 // over the rows in order.
 template <typename acc_t>
@@ -393,7 +441,9 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
   const at::Tensor A = addresses.contiguous();
   const at::Tensor idx = checked_index(index, g);
   const auto acc_type = at::toOpMathType(A.scalar_type());
-  const at::Tensor Bt = want_a ? bases_in_acc(bases, g).t().contiguous() : at::Tensor();  // (D, K), for grad_rows
+  // B (K, D), or B^T (D, K) from kDotsBelow bases on, for grad_rows.
+  const bool dots = g.K < kDotsBelow;
+  const at::Tensor Bacc = !want_a ? at::Tensor() : dots ? bases_in_acc(bases, g) : bases_in_acc(bases, g).t().contiguous();
   at::Tensor grad_addresses = A.new_empty({0});
   at::Tensor grad_bases = want_b ? at::empty({g.K, g.C, g.h, g.w}, A.options()) : A.new_empty({0});
   if (g.N == 0) {
@@ -417,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
     const scalar_t* a = A.const_data_ptr<scalar_t>();
     const int64_t* ix = idx.defined() ? idx.const_data_ptr<int64_t>() : nullptr;
     const Axis<acc_t> ay(g.H, g.h, g.s), ax(g.W, g.w, g.s);
-    const acc_t* bt = want_a ? Bt.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* b = want_a ? Bacc.const_data_ptr<acc_t>() : nullptr;
     acc_t* part = want_b ? partial.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* gr = want_a ? grad_rows.mutable_data_ptr<acc_t>() : nullptr;
 
@@ -436,7 +486,8 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
             unblend(ay, g.W, gblk, folded.data(), nb * g.C);
             with_factor(g.s, [&]<int S>() { narrow<S>(ax, folded.data(), gl, nb * g.C * g.h); });
           }
-          if (want_a) gemm_rows_bases(gl, bt, gr + n0 * g.K, nb, g.D, g.K);
+          if (want_a && dots) gemm_rows_bases_t(gl, b, gr + n0 * g.K, nb, g.K, g.D);
+          if (want_a && !dots) gemm_rows_bases(gl, b, gr + n0 * g.K, nb, g.D, g.K);
           if (want_b) {
             gather_rows(a, ix, g, n0, nb, rows.data());
             gemm_rows_t_grad(rows.data(), gl, part + chunk * g.K * g.D, nb, g.K, g.D, blk == first);
