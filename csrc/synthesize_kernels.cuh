@@ -115,6 +115,7 @@ __device__ __forceinline__ const Vec<T>* vector_at(const T* row, int64_t i) {
 inline bool vector_aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 __host__ __device__ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // rows[t] = the address row of synthesized row n0 + t (-1 past the end),
@@ -271,9 +272,10 @@ __global__ void __launch_bounds__(kThreads)
       stage_coef<scalar_t, acc_t, TN>(coef, rows, A, k0, kc, g.K);
       __syncthreads();
       if (active) {
+        // A pointer stepped by D: no 64-bit multiply per base.
         const scalar_t* bk = Bc + k0 * g.D + offset;
-        for (int kk = 0; kk < kc; ++kk) {
-          const acc_t b = static_cast<acc_t>(bk[kk * g.D]);
+        for (int kk = 0; kk < kc; ++kk, bk += g.D) {
+          const acc_t b = static_cast<acc_t>(*bk);
 #pragma unroll
           for (int t = 0; t < TN; ++t) acc[t] += coef[kk][t] * b;
         }
@@ -420,13 +422,14 @@ __global__ void __launch_bounds__(kThreads)
     }
     rowsum[warp][lane] = sum;
     __syncthreads();
-    // Thread (warp, lane) adds the chunk's rows in its window along y.
-    for (int j = 0; j < kLowY; ++j) {
-      const int64_t e = Yc + j - wrow.first;
-      if (e < 0 || e >= wrow.count) continue;
-      acc += wy[e * kLowY + warp] * rowsum[j][lane];
-      if (e == wrow.twin) acc += acc_t(0) * rowsum[j][lane];
-    }
+    // Thread (warp, lane) adds the chunk's rows that lie in its window along
+    // y: rows Yc + j for j in [lo, hi), weights from offset Yc + lo - first.
+    const int lo = static_cast<int>(imax(0, wrow.first - Yc));
+    const int hi = static_cast<int>(imin(kLowY, wrow.first + wrow.count - Yc));
+    const int shift = static_cast<int>(Yc - wrow.first);
+    for (int j = lo; j < hi; ++j) acc += wy[(j + shift) * kLowY + warp] * rowsum[j][lane];
+    if (wrow.twin >= 0 && wrow.twin - shift >= lo && wrow.twin - shift < hi)
+      acc += acc_t(0) * rowsum[wrow.twin - shift][lane];
     __syncthreads();
   }
   if (x < g.w && y < g.h) low[plane * g.h * g.w + y * g.w + x] = acc;
