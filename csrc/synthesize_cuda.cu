@@ -124,7 +124,9 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cuda(const at::Tensor& gr
   // Each address row's gradients summed in index order over its segment of
   // the stably sorted index (deterministic, O(N log N)).
   at::Tensor grad_addresses = at::empty({g.R, g.K}, A.options());
-  const auto [sorted, order] = at::sort(idx, /*stable=*/true);
+  // (The stable flag must be an optional<bool>: a plain `true` converts to
+  // the other overload's `dim` argument and sorts along dimension 1.)
+  const auto [sorted, order] = at::sort(idx, std::optional<bool>(true), /*dim=*/0);
   const at::Tensor bounds = at::zeros({2 * g.R}, A.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "synthesize_index_rows_cuda", [&] {
     launch_index_rows<scalar_t>(launch, grad_rows.const_data_ptr<at::opmath_type<scalar_t>>(),
