@@ -15,7 +15,7 @@
 //             rows;
 //   backward: the adjoint of those two steps folds the output gradient into
 //             a block buffer G_low, then grad_rows = G_low @ B^T (below 16
-//             bases as dot products of rows: the output is only K wide) and this
+//             bases with B^T padded to a multiple of 8 columns) and this
 //             block's share of grad_B = A_rows^T @ G_low (two small GEMMs);
 //             grad_B is summed over at most 8 fixed chunks of blocks, in
 //             chunk order.
@@ -257,8 +257,8 @@ ADDRMEM_INLINE void rows_bases_tile(const acc_t* const* a, const acc_t* __restri
 }
 
 // out (n, D) = rows (n, K) @ B (K, D); each element summed over k in order.
-// Tiles of 8 rows by 32 or 16 columns, or 4 rows by 64 (16 vector registers
-// of accumulators with AVX-512 floats), then single columns.
+// Tiles of 8 rows by 32, 16 or 8 columns, or 4 rows by 64 (16 vector
+// registers of accumulators with AVX-512 floats), then single columns.
 template <typename acc_t>
 ADDRMEM_MULTIVERSION void gemm_rows_bases(const acc_t* __restrict__ rows, const acc_t* __restrict__ B,
                                           acc_t* __restrict__ out, int64_t n, int64_t K, int64_t D) {
@@ -274,54 +274,8 @@ ADDRMEM_MULTIVERSION void gemm_rows_bases(const acc_t* __restrict__ rows, const 
     }
     for (; d0 + 32 <= D; d0 += 32) rows_bases_tile<8, 32>(a, B, o, nr, K, D, d0);
     for (; d0 + 16 <= D; d0 += 16) rows_bases_tile<8, 16>(a, B, o, nr, K, D, d0);
+    for (; d0 + 8 <= D; d0 += 8) rows_bases_tile<8, 8>(a, B, o, nr, K, D, d0);
     for (; d0 < D; ++d0) rows_bases_tile<8, 1>(a, B, o, nr, K, D, d0);
-  }
-}
-
-// out (n, K) = G (n, D) @ B (K, D)^T as dot products of contiguous rows: the
-// backward's grad_rows with fewer than kDotsBelow bases, too few output
-// columns for gemm_rows_bases' register tiles (which take B^T). Each is
-// summed in kLanes interleaved partial sums (lane l takes the elements
-// d = l mod kLanes, in order), then over the lanes in order: a fixed order,
-// with kLanes independent sums per step, which the compiler vectorises.
-constexpr int64_t kLanes = 16, kDotsBelow = 16;
-
-// Rows g[0..ROWS) against bases b[0..BASES); pairs past nr rows or nk bases
-// repeat valid ones and are not stored.
-template <int64_t ROWS, int64_t BASES, typename acc_t>
-ADDRMEM_INLINE void dots_tile(const acc_t* const* g, const acc_t* const* b, acc_t* __restrict__ out, int64_t nr,
-                              int64_t nk, int64_t K, int64_t D) {
-  acc_t acc[ROWS][BASES][kLanes] = {};
-  int64_t d0 = 0;
-  for (; d0 + kLanes <= D; d0 += kLanes)
-    for (int64_t q = 0; q < ROWS; ++q)
-      for (int64_t k = 0; k < BASES; ++k)
-        for (int64_t l = 0; l < kLanes; ++l) acc[q][k][l] += g[q][d0 + l] * b[k][d0 + l];
-  for (int64_t l = 0; d0 + l < D; ++l)
-    for (int64_t q = 0; q < ROWS; ++q)
-      for (int64_t k = 0; k < BASES; ++k) acc[q][k][l] += g[q][d0 + l] * b[k][d0 + l];
-  for (int64_t q = 0; q < std::min(ROWS, nr); ++q)
-    for (int64_t k = 0; k < std::min(BASES, nk); ++k) {
-      acc_t v = acc[q][k][0];
-      for (int64_t l = 1; l < kLanes; ++l) v += acc[q][k][l];
-      out[q * K + k] = v;
-    }
-}
-
-template <typename acc_t>
-ADDRMEM_MULTIVERSION void gemm_rows_bases_t(const acc_t* __restrict__ G, const acc_t* __restrict__ B,
-                                            acc_t* __restrict__ out, int64_t n, int64_t K, int64_t D) {
-  constexpr int64_t kRows = 4, kBases = 2;
-  for (int64_t i0 = 0; i0 < n; i0 += kRows) {
-    const int64_t nr = std::min(kRows, n - i0);
-    const acc_t* g[kRows];
-    for (int64_t q = 0; q < kRows; ++q) g[q] = G + (i0 + std::min(q, nr - 1)) * D;
-    for (int64_t k0 = 0; k0 < K; k0 += kBases) {
-      const int64_t nk = std::min(kBases, K - k0);
-      const acc_t* b[kBases];
-      for (int64_t k = 0; k < kBases; ++k) b[k] = B + (k0 + std::min(k, nk - 1)) * D;
-      dots_tile<kRows, kBases>(g, b, out + i0 * K + k0, nr, nk, K, D);
-    }
   }
 }
 
@@ -441,9 +395,15 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
   const at::Tensor A = addresses.contiguous();
   const at::Tensor idx = checked_index(index, g);
   const auto acc_type = at::toOpMathType(A.scalar_type());
-  // B (K, D), or B^T (D, K) from kDotsBelow bases on, for grad_rows.
-  const bool dots = g.K < kDotsBelow;
-  const at::Tensor Bacc = !want_a ? at::Tensor() : dots ? bases_in_acc(bases, g) : bases_in_acc(bases, g).t().contiguous();
+  // B^T (D, Kp) for grad_rows = G_low @ B^T (N, Kp). Below 16 bases its
+  // columns are padded with zeros to a multiple of 8, so that whole vector
+  // tiles cover them (single columns ran several times slower: issue 18).
+  const int64_t Kp = g.K < 16 ? (g.K + 7) / 8 * 8 : g.K;
+  at::Tensor Bt;
+  if (want_a) {
+    Bt = at::zeros({g.D, Kp}, A.options().dtype(acc_type));
+    Bt.narrow(1, 0, g.K).copy_(bases_in_acc(bases, g).t());
+  }
   at::Tensor grad_addresses = A.new_empty({0});
   at::Tensor grad_bases = want_b ? at::empty({g.K, g.C, g.h, g.w}, A.options()) : A.new_empty({0});
   if (g.N == 0) {
@@ -457,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
   // grad_B partial sums would pass 2^24 values); grad_B is summed over chunks
   // in order.
   const int64_t chunks = std::min<int64_t>({blocks, 8, want_b ? std::max<int64_t>(1, (1 << 24) / (g.K * g.D)) : 8});
-  at::Tensor grad_rows = want_a ? at::empty({g.N, g.K}, A.options().dtype(acc_type)) : at::Tensor();
+  at::Tensor grad_rows = want_a ? at::empty({g.N, Kp}, A.options().dtype(acc_type)) : at::Tensor();
   at::Tensor partial = want_b ? at::empty({chunks, g.K, g.D}, A.options().dtype(acc_type)) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "synthesize_backward_cpu", [&] {
@@ -467,7 +427,7 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
     const scalar_t* a = A.const_data_ptr<scalar_t>();
     const int64_t* ix = idx.defined() ? idx.const_data_ptr<int64_t>() : nullptr;
     const Axis<acc_t> ay(g.H, g.h, g.s), ax(g.W, g.w, g.s);
-    const acc_t* b = want_a ? Bacc.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* bt = want_a ? Bt.const_data_ptr<acc_t>() : nullptr;
     acc_t* part = want_b ? partial.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* gr = want_a ? grad_rows.mutable_data_ptr<acc_t>() : nullptr;
 
@@ -486,8 +446,7 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
             unblend(ay, g.W, gblk, folded.data(), nb * g.C);
             with_factor(g.s, [&]<int S>() { narrow<S>(ax, folded.data(), gl, nb * g.C * g.h); });
           }
-          if (want_a && dots) gemm_rows_bases_t(gl, b, gr + n0 * g.K, nb, g.K, g.D);
-          if (want_a && !dots) gemm_rows_bases(gl, b, gr + n0 * g.K, nb, g.D, g.K);
+          if (want_a) gemm_rows_bases(gl, bt, gr + n0 * Kp, nb, g.D, Kp);
           if (want_b) {
             gather_rows(a, ix, g, n0, nb, rows.data());
             gemm_rows_t_grad(rows.data(), gl, part + chunk * g.K * g.D, nb, g.K, g.D, blk == first);
@@ -512,12 +471,12 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
     if (want_a) {
       // Each row's gradient into its address row, in row order (repeats add up).
       if (!ix && same) {
-        grad_addresses = grad_rows;
+        grad_addresses = Kp == g.K ? grad_rows : grad_rows.narrow(1, 0, g.K).contiguous();
       } else {
         std::vector<acc_t> ga(g.R * g.K, acc_t(0));
         for (int64_t n = 0; n < g.N; ++n) {
           acc_t* dst = ga.data() + (ix ? ix[n] : n) * g.K;
-          for (int64_t k = 0; k < g.K; ++k) dst[k] += gr[n * g.K + k];
+          for (int64_t k = 0; k < g.K; ++k) dst[k] += gr[n * Kp + k];
         }
         grad_addresses = at::empty({g.R, g.K}, A.options());
         scalar_t* gap = grad_addresses.mutable_data_ptr<scalar_t>();
