@@ -34,7 +34,10 @@ than addrmem), ``/floor`` its time over the floor (1 would be perfect).
 On CUDA: CUDA events around every call, warm-up, the median of ``--repeats``
 (default 100) calls, rotating among independent input sets that together
 exceed twice the L2 cache, so no method finds its inputs in cache. On the
-CPU: ``time.perf_counter``, the median of fewer calls (default 10).
+CPU: ``time.perf_counter``, the median of fewer calls (default 10); with
+``--clock thread``, the calling thread's CPU time instead (``time.thread_time``:
+with one intra-op thread, ``torch.set_num_threads(1)``, it is all the work, and
+it barely moves when other processes load the machine).
 
 A benchmark measures and prints; it never fails on time (the exit status is 0
 unless the arguments are bad).
@@ -45,6 +48,7 @@ Usage (from the repository root)::
     python benchmarks/kernel_speed.py --dtype bfloat16 --json out.json
     python benchmarks/kernel_speed.py --quick              # tiny shapes, seconds
     python benchmarks/kernel_speed.py --device cpu --no-compile --repeats 5
+    python benchmarks/kernel_speed.py --device cpu --no-compile --threads 1 --clock thread --only streams
 """
 
 from __future__ import annotations
@@ -152,8 +156,8 @@ def make_inputs(shape: Shape, dtype, device, count: int, seed: int = 0) -> list[
     return sets
 
 
-def time_op(fn, sets: list, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median seconds of ``fn(s)``, cycling ``s`` through ``sets``."""
+def time_op(fn, sets: list, device: torch.device, warmup: int, repeats: int, clock=time.perf_counter) -> float:
+    """Median seconds of ``fn(s)``, cycling ``s`` through ``sets`` (on the CPU, by ``clock``)."""
     for i in range(warmup):
         fn(sets[i % len(sets)])
     if device.type == "cuda":
@@ -168,9 +172,9 @@ def time_op(fn, sets: list, device: torch.device, warmup: int, repeats: int) -> 
     else:
         times = []
         for i in range(repeats):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn(sets[i % len(sets)])
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
     return statistics.median(times)
 
 
@@ -319,7 +323,7 @@ def bench_shape(shape: Shape, dtype, device, args, bandwidth: float) -> list[dic
                 steps, notes = (), [describe(exc)]
             for i, step in enumerate(steps):
                 try:
-                    times[i] = time_op(step, sets, device, args.warmup, args.repeats)
+                    times[i] = time_op(step, sets, device, args.warmup, args.repeats, args.clock)
                 except Exception as exc:  # noqa: BLE001 - a failing method is n/a, not fatal
                     notes.append(f"{('fwd', 'fwd+bwd')[i]}: {describe(exc)}")
         rows.append(dict(base, method=method, fwd_s=times[0], fwd_bwd_s=times[1], note="; ".join(notes)))
@@ -374,12 +378,16 @@ def parse_args(argv):
                    help="timed calls per measurement (default: 100 on CUDA, 10 on CPU or with --quick)")
     p.add_argument("--only", metavar="NAME", action="append",
                    help="time only the shapes of this name (repeatable): " + ", ".join(dict.fromkeys(s.name for s in SHAPES)))
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU (default: torch's)")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="CPU only: wall time, or the calling thread's CPU time (use with --threads 1)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
+    args.clock = time.thread_time if args.clock == "thread" else time.perf_counter
     return args
 
 
@@ -393,12 +401,15 @@ def main(argv=None) -> int:
         args.compile = not args.quick
     if args.repeats is None:
         args.repeats = 10 if args.quick or not cuda else 100
+    if args.threads is not None and not cuda:
+        torch.set_num_threads(args.threads)
     args.warmup = 1 if args.quick and not cuda else min(10, args.repeats) if cuda else 2
     shapes = [s for s in (QUICK_SHAPES if args.quick else SHAPES) if not args.only or s.name in args.only]
 
     info = addrmem.build_info()
     print(f"addrmem.synthesize benchmark on {device_name(device)}, torch {torch.__version__}, "
-          f"{args.dtype}, median of {args.repeats} (after {args.warmup} warm-up)")
+          f"{args.dtype}, median of {args.repeats} (after {args.warmup} warm-up)"
+          f"{', thread CPU time' if args.clock is time.thread_time and not cuda else ''}")
     print(f"addrmem build: {info}")
     if not cuda and hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5:
         print(f"note: load average {os.getloadavg()[0]:.1f} before starting: other processes compete "
