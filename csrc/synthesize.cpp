@@ -14,8 +14,8 @@
 //             line is widened once, then every output row blends two widened
 //             rows;
 //   backward: the adjoint of those two steps folds the output gradient into
-//             a block buffer G_low, then grad_rows = G_low @ B^T (below 16
-//             bases with B^T padded to a multiple of 8 columns) and this
+//             a block buffer G_low, then grad_rows = G_low @ B^T (from 2 to
+//             15 bases with B^T padded to 8 or 16 columns) and this
 //             block's share of grad_B = A_rows^T @ G_low (two small GEMMs);
 //             grad_B is summed over at most 8 fixed chunks of blocks, in
 //             chunk order.
@@ -395,10 +395,11 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
   const at::Tensor A = addresses.contiguous();
   const at::Tensor idx = checked_index(index, g);
   const auto acc_type = at::toOpMathType(A.scalar_type());
-  // B^T (D, Kp) for grad_rows = G_low @ B^T (N, Kp). Below 16 bases its
+  // B^T (D, Kp) for grad_rows = G_low @ B^T (N, Kp). From 2 to 15 bases its
   // columns are padded with zeros to a multiple of 8, so that whole vector
-  // tiles cover them (single columns ran several times slower: issue 18).
-  const int64_t Kp = g.K < 16 ? (g.K + 7) / 8 * 8 : g.K;
+  // tiles cover them in one pass over G_low (single columns, one pass each,
+  // ran up to 4x slower: issue 18; narrower tiles vectorise worse).
+  const int64_t Kp = g.K > 1 && g.K < 16 ? (g.K + 7) / 8 * 8 : g.K;
   at::Tensor Bt;
   if (want_a) {
     Bt = at::zeros({g.D, Kp}, A.options().dtype(acc_type));
