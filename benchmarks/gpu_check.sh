@@ -23,6 +23,11 @@
 #   float64    float64 CUDA against the CPU kernel to 1e-14, every test case
 #   determinism  the indexed backward, N=8192 with repeats, bit-identical 3 times
 #   huge       output and grad_out of more than 2^31 elements
+#   instructions  Nsight Compute (ncu): the instructions each addrmem kernel
+#              executes per output pixel (per grad_addresses element for the
+#              index kernels), forward + backward at N=8192, K=64, 3x32x32,
+#              scale 2, float32, a random index with repeats (docs/op.md has
+#              the static SASS counts; issue 18's goal: the adjoint <= 80)
 #   speed      benchmarks/kernel_speed.py (fails if addrmem mismatches the reference)
 #   outer      benchmarks/outer_step.py and benchmarks/distill_speed.py
 #   all        every step above, in order (for a machine without a time limit)
@@ -119,6 +124,32 @@ step() {
         exit 1
       fi
       ;;
+    instructions)
+      need_cuda_build
+      command -v ncu > /dev/null || { echo "instructions: ncu (Nsight Compute) not found"; exit 1; }
+      run instructions ncu --csv --kernel-name regex:addrmem --metrics smsp__thread_inst_executed.sum \
+        --log-file "$OUT/instructions.csv" python3 -c "
+import torch, addrmem
+g = torch.Generator(device='cuda').manual_seed(0)
+A = torch.randn(8192, 64, device='cuda', generator=g, requires_grad=True)
+B = torch.randn(64, 3, 32, 32, device='cuda', generator=g, requires_grad=True)
+index = torch.randint(0, 8192, (8192,), device='cuda', generator=g)
+out = addrmem.synthesize(A, B, index, 2)
+torch.autograd.grad(out, (A, B), torch.randn_like(out))
+torch.cuda.synchronize()"
+      python3 - "$OUT/instructions.csv" <<'PY' | tee "$OUT/instructions.txt"
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+head, body = rows[0], rows[1:]
+name, value = head.index("Kernel Name"), head.index("Metric Value")
+per = {"index_rows": 8192 * 64, "index_segments": 8192}
+for r in body:
+    kernel = r[name].split("(")[0].split("<")[0].split("::")[-1]
+    count = float(r[value].replace(",", ""))
+    pixels = next((n for key, n in per.items() if key in kernel), 8192 * 3 * 64 * 64)
+    print(f"{kernel:32s} {count / pixels:8.1f} thread instructions per output pixel (or element)")
+PY
+      ;;
     speed)
       need_cuda_build
       run kernel_speed python3 benchmarks/kernel_speed.py --device cuda --json "$OUT/kernel_speed.json"
@@ -135,7 +166,7 @@ step() {
         --json "$OUT/distill_speed.json"
       ;;
     all)
-      for s in build footprints smem48k float64 determinism huge suite memcheck racecheck synccheck initcheck speed outer; do
+      for s in build footprints smem48k float64 determinism huge instructions suite memcheck racecheck synccheck initcheck speed outer; do
         step "$s"
       done
       ;;
