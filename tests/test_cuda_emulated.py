@@ -208,7 +208,8 @@ def test_device_and_host_taps_agree(emulator, dtype):
 
 
 # Shapes (h, w, scale) whose tiled forward overran its shared memory (finding 1).
-OVERRUN = [(torch.float64, (3, 2, 27)), (torch.float64, (3, 6, 27)), (torch.float32, (3, 1, 107))]
+OVERRUN = [(torch.float64, (3, 2, 27)), (torch.float64, (3, 6, 27)), (torch.float64, (7, 7, 57)),
+           (torch.float32, (3, 1, 107)), (torch.float32, (3, 1, 235))]
 
 
 @needs_fma
