@@ -127,7 +127,7 @@ step() {
     instructions)
       need_cuda_build
       command -v ncu > /dev/null || { echo "instructions: ncu (Nsight Compute) not found"; exit 1; }
-      run instructions ncu --csv --kernel-name regex:addrmem --metrics smsp__thread_inst_executed.sum \
+      run instructions ncu --csv --kernel-name-base demangled --kernel-name regex:addrmem:: --metrics smsp__thread_inst_executed.sum \
         --log-file "$OUT/instructions.csv" python3 -c "
 import torch, addrmem
 g = torch.Generator(device='cuda').manual_seed(0)
