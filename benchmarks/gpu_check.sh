@@ -16,6 +16,18 @@
 #   racecheck  compute-sanitizer racecheck  } on the CUDA op tests, addrmem's
 #   synccheck  compute-sanitizer synccheck  } kernels only (not cuBLAS's or
 #   initcheck  compute-sanitizer initcheck  } PyTorch's)
+#   footprints compute-sanitizer memcheck on issue 18's forward shapes whose
+#              tiles once overran their shared memory, against the CPU kernel
+#   smem48k    the adjoint past 48 KB of shared memory (opt-in), and past the
+#              device's limit (the op's own error)
+#   float64    float64 CUDA against the CPU kernel to 1e-14, every test case
+#   determinism  the indexed backward, N=8192 with repeats, bit-identical 3 times
+#   huge       output and grad_out of more than 2^31 elements
+#   instructions  Nsight Compute (ncu): the instructions each addrmem kernel
+#              executes per output pixel (per grad_addresses element for the
+#              index kernels), forward + backward at N=8192, K=64, 3x32x32,
+#              scale 2, float32, a random index with repeats (docs/op.md has
+#              the static SASS counts; issue 18's goal: the adjoint <= 80)
 #   speed      benchmarks/kernel_speed.py (fails if addrmem mismatches the reference)
 #   outer      benchmarks/outer_step.py and benchmarks/distill_speed.py
 #   all        every step above, in order (for a machine without a time limit)
@@ -92,6 +104,52 @@ step() {
         python3 -m pytest -q -x tests/test_ops.py -k "cuda and not device_assert" --junitxml "$OUT/memcheck.xml"
       ;;
     racecheck | synccheck | initcheck) sanitize "$1" ;;
+    footprints)
+      need_cuda_build
+      run footprints env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        python3 -m pytest -q -x tests/test_ops.py -k issue18_footprints --junitxml "$OUT/footprints.xml"
+      ;;
+    smem48k | float64 | determinism | huge)
+      need_cuda_build
+      local test
+      test=$(case "$1" in
+        smem48k) echo issue18_shared_memory_past_48kb ;;
+        float64) echo issue18_float64_matches_cpu_kernel ;;
+        determinism) echo issue18_indexed_backward_is_bit_identical ;;
+        huge) echo issue18_more_than_2_31_elements ;;
+      esac)
+      run "$1" python3 -m pytest -q -x tests/test_ops.py -k "$test" --junitxml "$OUT/$1.xml"
+      if grep -q "skipped" "$OUT/$1.log" && ! grep -q "passed" "$OUT/$1.log"; then
+        echo "$1: the test was skipped"
+        exit 1
+      fi
+      ;;
+    instructions)
+      need_cuda_build
+      command -v ncu > /dev/null || { echo "instructions: ncu (Nsight Compute) not found"; exit 1; }
+      run instructions ncu --csv --kernel-name-base demangled --kernel-name regex:addrmem:: --metrics smsp__thread_inst_executed.sum \
+        --log-file "$OUT/instructions.csv" python3 -c "
+import torch, addrmem
+g = torch.Generator(device='cuda').manual_seed(0)
+A = torch.randn(8192, 64, device='cuda', generator=g, requires_grad=True)
+B = torch.randn(64, 3, 32, 32, device='cuda', generator=g, requires_grad=True)
+index = torch.randint(0, 8192, (8192,), device='cuda', generator=g)
+out = addrmem.synthesize(A, B, index, 2)
+torch.autograd.grad(out, (A, B), torch.randn_like(out))
+torch.cuda.synchronize()"
+      python3 - "$OUT/instructions.csv" <<'PY' | tee "$OUT/instructions.txt"
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+head, body = rows[0], rows[1:]
+name, value = head.index("Kernel Name"), head.index("Metric Value")
+per = {"index_rows": 8192 * 64, "index_segments": 8192}
+for r in body:
+    kernel = r[name].split("(")[0].split("<")[0].split("::")[-1]
+    count = float(r[value].replace(",", ""))
+    pixels = next((n for key, n in per.items() if key in kernel), 8192 * 3 * 64 * 64)
+    print(f"{kernel:32s} {count / pixels:8.1f} thread instructions per output pixel (or element)")
+PY
+      ;;
     speed)
       need_cuda_build
       run kernel_speed python3 benchmarks/kernel_speed.py --device cuda --json "$OUT/kernel_speed.json"
@@ -108,7 +166,9 @@ step() {
         --json "$OUT/distill_speed.json"
       ;;
     all)
-      for s in build suite memcheck racecheck synccheck initcheck speed outer; do step "$s"; done
+      for s in build footprints smem48k float64 determinism huge instructions suite memcheck racecheck synccheck initcheck speed outer; do
+        step "$s"
+      done
       ;;
     *) usage ;;
   esac

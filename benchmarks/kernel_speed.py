@@ -34,7 +34,10 @@ than addrmem), ``/floor`` its time over the floor (1 would be perfect).
 On CUDA: CUDA events around every call, warm-up, the median of ``--repeats``
 (default 100) calls, rotating among independent input sets that together
 exceed twice the L2 cache, so no method finds its inputs in cache. On the
-CPU: ``time.perf_counter``, the median of fewer calls (default 10).
+CPU: ``time.perf_counter``, the median of fewer calls (default 10); with
+``--clock thread``, the calling thread's CPU time instead (``time.thread_time``:
+with one intra-op thread, ``torch.set_num_threads(1)``, it is all the work, and
+it barely moves when other processes load the machine).
 
 A benchmark measures and prints; it never fails on time (the exit status is 0
 unless the arguments are bad).
@@ -45,6 +48,7 @@ Usage (from the repository root)::
     python benchmarks/kernel_speed.py --dtype bfloat16 --json out.json
     python benchmarks/kernel_speed.py --quick              # tiny shapes, seconds
     python benchmarks/kernel_speed.py --device cpu --no-compile --repeats 5
+    python benchmarks/kernel_speed.py --device cpu --no-compile --threads 1 --clock thread --only streams
 """
 
 from __future__ import annotations
@@ -91,11 +95,11 @@ class Shape:
     h: int
     w: int
     scale: int
-    indexed: bool  # pass an index of N rows drawn from R
+    index: str = ""  # "": none; "repeats": N rows drawn from R; "permutation": of the R rows (N == R)
 
     @property
     def label(self) -> str:
-        rows = f"/{self.rows}" if self.indexed else ""
+        rows = {"": "", "repeats": f"/{self.rows}", "permutation": " perm"}[self.index]
         out = f"{self.h * self.scale}x{self.w * self.scale}"
         return f"{self.name} N{self.n}{rows} K{self.k} {self.c}x{self.h}x{self.w}->{out}"
 
@@ -103,20 +107,27 @@ class Shape:
         """Bytes that must move: (forward, forward+backward)."""
         out = self.n * self.c * self.h * self.w * self.scale**2 * itemsize
         bases = self.k * self.c * self.h * self.w * itemsize
-        index = 8 * self.n if self.indexed else 0
+        index = 8 * self.n if self.index else 0
         forward = self.n * self.k * itemsize + index + bases + out
         return forward, forward + out + self.rows * self.k * itemsize + bases
 
 
+# Scale 1 with few bases, as the digits default job (740 rows, K=12, 1x8x8)
+# and the continual streams (K=4-8, 1x28x28) run it: (name, R, K, C, h, w).
+SMALL_K = [("digits", 740, 12, 1, 8, 8), ("streams", 2000, 8, 1, 28, 28), ("scale1", 1024, 32, 3, 32, 32),
+           ("scale1", 4096, 32, 3, 32, 32)]
 SHAPES = [
-    Shape("paper", 1150, 320, 16, 3, 16, 16, 2, True),  # the paper's one-inner-step shape
-    Shape("mnist", 4000, 1024, 32, 1, 14, 14, 2, True),
-    Shape("scale1", 4096, 4096, 32, 3, 32, 32, 1, False),
-    Shape("large", 8192, 8192, 64, 3, 32, 32, 2, False),
+    Shape("paper", 1150, 320, 16, 3, 16, 16, 2, "repeats"),  # the paper's one-inner-step shape
+    Shape("mnist", 4000, 1024, 32, 1, 14, 14, 2, "repeats"),
+    Shape("large", 8192, 8192, 64, 3, 32, 32, 2),
+    Shape("large", 8192, 8192, 64, 3, 32, 32, 2, "repeats"),  # the indexed backward's sums over repeats
+    *[Shape(name, R, R, K, C, h, w, 1, index) for name, R, K, C, h, w in SMALL_K
+      for index in ("", "permutation", "repeats")],
+    *[Shape("sweep", 2000, 2000, K, 1, 28, 28, 1) for K in (1, 2, 4, 8, 16, 32, 64)],
 ]
 QUICK_SHAPES = [
-    Shape("tiny", 50, 32, 4, 3, 8, 8, 2, True),
-    Shape("tiny1", 24, 24, 3, 1, 5, 7, 1, False),
+    Shape("tiny", 50, 32, 4, 3, 8, 8, 2, "repeats"),
+    Shape("tiny1", 24, 24, 3, 1, 5, 7, 1),
 ]
 
 
@@ -134,15 +145,19 @@ def make_inputs(shape: Shape, dtype, device, count: int, seed: int = 0) -> list[
     for _ in range(count):
         A = torch.randn(shape.rows, shape.k, generator=g, device=device, dtype=dtype)
         B = torch.randn(shape.k, shape.c, shape.h, shape.w, generator=g, device=device, dtype=dtype)
-        index = torch.randint(0, shape.rows, (shape.n,), generator=g, device=device) if shape.indexed else None
+        index = None
+        if shape.index == "repeats":
+            index = torch.randint(0, shape.rows, (shape.n,), generator=g, device=device)
+        elif shape.index == "permutation":
+            index = torch.randperm(shape.rows, generator=g, device=device)
         H, W = shape.h * shape.scale, shape.w * shape.scale
         grad_out = torch.randn(shape.n, shape.c, H, W, generator=g, device=device, dtype=dtype)
         sets.append(Inputs(A.requires_grad_(), B.requires_grad_(), index, grad_out))
     return sets
 
 
-def time_op(fn, sets: list, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median seconds of ``fn(s)``, cycling ``s`` through ``sets``."""
+def time_op(fn, sets: list, device: torch.device, warmup: int, repeats: int, clock=time.perf_counter) -> float:
+    """Median seconds of ``fn(s)``, cycling ``s`` through ``sets`` (on the CPU, by ``clock``)."""
     for i in range(warmup):
         fn(sets[i % len(sets)])
     if device.type == "cuda":
@@ -157,9 +172,9 @@ def time_op(fn, sets: list, device: torch.device, warmup: int, repeats: int) -> 
     else:
         times = []
         for i in range(repeats):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn(sets[i % len(sets)])
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
     return statistics.median(times)
 
 
@@ -308,7 +323,7 @@ def bench_shape(shape: Shape, dtype, device, args, bandwidth: float) -> list[dic
                 steps, notes = (), [describe(exc)]
             for i, step in enumerate(steps):
                 try:
-                    times[i] = time_op(step, sets, device, args.warmup, args.repeats)
+                    times[i] = time_op(step, sets, device, args.warmup, args.repeats, args.clock)
                 except Exception as exc:  # noqa: BLE001 - a failing method is n/a, not fatal
                     notes.append(f"{('fwd', 'fwd+bwd')[i]}: {describe(exc)}")
         rows.append(dict(base, method=method, fwd_s=times[0], fwd_bwd_s=times[1], note="; ".join(notes)))
@@ -361,12 +376,18 @@ def parse_args(argv):
     group.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed calls per measurement (default: 100 on CUDA, 10 on CPU or with --quick)")
+    p.add_argument("--only", metavar="NAME", action="append",
+                   help="time only the shapes of this name (repeatable): " + ", ".join(dict.fromkeys(s.name for s in SHAPES)))
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU (default: torch's)")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="CPU only: wall time, or the calling thread's CPU time (use with --threads 1)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
+    args.clock = time.thread_time if args.clock == "thread" else time.perf_counter
     return args
 
 
@@ -380,12 +401,15 @@ def main(argv=None) -> int:
         args.compile = not args.quick
     if args.repeats is None:
         args.repeats = 10 if args.quick or not cuda else 100
+    if args.threads is not None and not cuda:
+        torch.set_num_threads(args.threads)
     args.warmup = 1 if args.quick and not cuda else min(10, args.repeats) if cuda else 2
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    shapes = [s for s in (QUICK_SHAPES if args.quick else SHAPES) if not args.only or s.name in args.only]
 
     info = addrmem.build_info()
     print(f"addrmem.synthesize benchmark on {device_name(device)}, torch {torch.__version__}, "
-          f"{args.dtype}, median of {args.repeats} (after {args.warmup} warm-up)")
+          f"{args.dtype}, median of {args.repeats} (after {args.warmup} warm-up)"
+          f"{', thread CPU time' if args.clock is time.thread_time and not cuda else ''}")
     print(f"addrmem build: {info}")
     if not cuda and hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5:
         print(f"note: load average {os.getloadavg()[0]:.1f} before starting: other processes compete "

@@ -19,6 +19,23 @@ struct Geometry {
   int64_t D;        // C * h * w
 };
 
+// x * y - z with two roundings, as ATen computes it on the CPU. Never fused
+// into one FMA: nvcc fuses by default (and a host compiler may), and a fused
+// source coordinate can round below an integer that the unfused one hits, so
+// the device's taps would leave the footprint the host sized (issue 18).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t mul_sub_unfused(acc_t x, acc_t y, acc_t z) {
+#ifdef __CUDA_ARCH__
+  if constexpr (sizeof(acc_t) == 8)
+    return __dsub_rn(__dmul_rn(x, y), z);
+  else
+    return __fsub_rn(__fmul_rn(x, y), z);
+#else
+  const volatile acc_t product = x * y;  // a stored product cannot be fused with the subtraction
+  return product - z;
+#endif
+}
+
 // Output coordinate `dst` of an axis upsampled by `s` from `in_size` samples
 // reads samples i0 and i1 with weights (1 - l1) and l1. Same formula and
 // rounding as ATen's area_pixel_compute_source_index with scale = 1/s.
@@ -26,7 +43,7 @@ template <typename acc_t>
 C10_HOST_DEVICE inline void source_index(int64_t dst, int64_t in_size, int64_t s,
                                          int64_t& i0, int64_t& i1, acc_t& l1) {
   const acc_t scale = static_cast<acc_t>(1.0 / static_cast<double>(s));
-  acc_t src = scale * (static_cast<acc_t>(dst) + static_cast<acc_t>(0.5)) - static_cast<acc_t>(0.5);
+  acc_t src = mul_sub_unfused(scale, static_cast<acc_t>(dst) + static_cast<acc_t>(0.5), static_cast<acc_t>(0.5));
   if (src < static_cast<acc_t>(0)) src = static_cast<acc_t>(0);
   i0 = static_cast<int64_t>(src);
   if (i0 > in_size - 1) i0 = in_size - 1;

@@ -14,7 +14,8 @@
 //             line is widened once, then every output row blends two widened
 //             rows;
 //   backward: the adjoint of those two steps folds the output gradient into
-//             a block buffer G_low, then grad_rows = G_low @ B^T and this
+//             a block buffer G_low, then grad_rows = G_low @ B^T (from 2 to
+//             15 bases with B^T padded to 8 or 16 columns) and this
 //             block's share of grad_B = A_rows^T @ G_low (two small GEMMs);
 //             grad_B is summed over at most 8 fixed chunks of blocks, in
 //             chunk order.
@@ -256,8 +257,8 @@ ADDRMEM_INLINE void rows_bases_tile(const acc_t* const* a, const acc_t* __restri
 }
 
 // out (n, D) = rows (n, K) @ B (K, D); each element summed over k in order.
-// Tiles of 8 rows by 32 or 16 columns, or 4 rows by 64 (16 vector registers
-// of accumulators with AVX-512 floats), then single columns.
+// Tiles of 8 rows by 32, 16 or 8 columns, or 4 rows by 64 (16 vector
+// registers of accumulators with AVX-512 floats), then single columns.
 template <typename acc_t>
 ADDRMEM_MULTIVERSION void gemm_rows_bases(const acc_t* __restrict__ rows, const acc_t* __restrict__ B,
                                           acc_t* __restrict__ out, int64_t n, int64_t K, int64_t D) {
@@ -273,6 +274,7 @@ ADDRMEM_MULTIVERSION void gemm_rows_bases(const acc_t* __restrict__ rows, const 
     }
     for (; d0 + 32 <= D; d0 += 32) rows_bases_tile<8, 32>(a, B, o, nr, K, D, d0);
     for (; d0 + 16 <= D; d0 += 16) rows_bases_tile<8, 16>(a, B, o, nr, K, D, d0);
+    for (; d0 + 8 <= D; d0 += 8) rows_bases_tile<8, 8>(a, B, o, nr, K, D, d0);
     for (; d0 < D; ++d0) rows_bases_tile<8, 1>(a, B, o, nr, K, D, d0);
   }
 }
@@ -393,7 +395,16 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
   const at::Tensor A = addresses.contiguous();
   const at::Tensor idx = checked_index(index, g);
   const auto acc_type = at::toOpMathType(A.scalar_type());
-  const at::Tensor Bt = want_a ? bases_in_acc(bases, g).t().contiguous() : at::Tensor();  // (D, K), for grad_rows
+  // B^T (D, Kp) for grad_rows = G_low @ B^T (N, Kp). From 2 to 15 bases its
+  // columns are padded with zeros to a multiple of 8, so that whole vector
+  // tiles cover them in one pass over G_low (single columns, one pass each,
+  // ran up to 4x slower: issue 18; narrower tiles vectorise worse).
+  const int64_t Kp = g.K > 1 && g.K < 16 ? (g.K + 7) / 8 * 8 : g.K;
+  at::Tensor Bt;
+  if (want_a) {
+    Bt = at::zeros({g.D, Kp}, A.options().dtype(acc_type));
+    Bt.narrow(1, 0, g.K).copy_(bases_in_acc(bases, g).t());
+  }
   at::Tensor grad_addresses = A.new_empty({0});
   at::Tensor grad_bases = want_b ? at::empty({g.K, g.C, g.h, g.w}, A.options()) : A.new_empty({0});
   if (g.N == 0) {
@@ -407,7 +418,7 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
   // grad_B partial sums would pass 2^24 values); grad_B is summed over chunks
   // in order.
   const int64_t chunks = std::min<int64_t>({blocks, 8, want_b ? std::max<int64_t>(1, (1 << 24) / (g.K * g.D)) : 8});
-  at::Tensor grad_rows = want_a ? at::empty({g.N, g.K}, A.options().dtype(acc_type)) : at::Tensor();
+  at::Tensor grad_rows = want_a ? at::empty({g.N, Kp}, A.options().dtype(acc_type)) : at::Tensor();
   at::Tensor partial = want_b ? at::empty({chunks, g.K, g.D}, A.options().dtype(acc_type)) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "synthesize_backward_cpu", [&] {
@@ -436,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
             unblend(ay, g.W, gblk, folded.data(), nb * g.C);
             with_factor(g.s, [&]<int S>() { narrow<S>(ax, folded.data(), gl, nb * g.C * g.h); });
           }
-          if (want_a) gemm_rows_bases(gl, bt, gr + n0 * g.K, nb, g.D, g.K);
+          if (want_a) gemm_rows_bases(gl, bt, gr + n0 * Kp, nb, g.D, Kp);
           if (want_b) {
             gather_rows(a, ix, g, n0, nb, rows.data());
             gemm_rows_t_grad(rows.data(), gl, part + chunk * g.K * g.D, nb, g.K, g.D, blk == first);
@@ -461,12 +472,12 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
     if (want_a) {
       // Each row's gradient into its address row, in row order (repeats add up).
       if (!ix && same) {
-        grad_addresses = grad_rows;
+        grad_addresses = Kp == g.K ? grad_rows : grad_rows.narrow(1, 0, g.K).contiguous();
       } else {
         std::vector<acc_t> ga(g.R * g.K, acc_t(0));
         for (int64_t n = 0; n < g.N; ++n) {
           acc_t* dst = ga.data() + (ix ? ix[n] : n) * g.K;
-          for (int64_t k = 0; k < g.K; ++k) dst[k] += gr[n * g.K + k];
+          for (int64_t k = 0; k < g.K; ++k) dst[k] += gr[n * Kp + k];
         }
         grad_addresses = at::empty({g.R, g.K}, A.options());
         scalar_t* gap = grad_addresses.mutable_data_ptr<scalar_t>();

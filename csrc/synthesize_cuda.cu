@@ -19,20 +19,24 @@ namespace addrmem {
 namespace {
 
 // The `launch` functor of synthesize_kernels.cuh: kThreads threads per block
-// on the current stream. Dynamic shared memory above the default 48 KB (only
-// the adjoint at scales past 51 for double, 102 for float) needs an opt-in.
+// on the current stream. A block's shared memory, static and dynamic
+// together, above the default 48 KB (only the adjoint's, at scales past about
+// 48 for double, 96 for float) needs an opt-in, up to the device's limit.
 struct Launch {
   cudaStream_t stream;
   template <typename... Params, typename... Args>
   void operator()(void (*kernel)(Params...), int64_t blocks, size_t smem, Args... args) const {
     if (blocks == 0) return;
     TORCH_CHECK(blocks < (int64_t{1} << 31), "addrmem::synthesize: too many blocks for one launch");
-    if (smem > 48 * 1024) {
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    const size_t total = attributes.sharedSizeBytes + smem;
+    if (total > 48 * 1024) {
       int device = 0, most = 0;
       C10_CUDA_CHECK(cudaGetDevice(&device));
       C10_CUDA_CHECK(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-      TORCH_CHECK(smem <= static_cast<size_t>(most), "addrmem::synthesize: the scale is too large for the CUDA kernels (",
-                  smem, " bytes of shared memory, at most ", most, ")");
+      TORCH_CHECK(total <= static_cast<size_t>(most), "addrmem::synthesize: the scale is too large for the CUDA kernels (",
+                  total, " bytes of shared memory, at most ", most, ")");
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     }
     kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(args...);
@@ -117,11 +121,17 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cuda(const at::Tensor& gr
   if (!want_a) return {none, grad_bases};
   if (!idx.defined()) return {grad_rows.to(A.scalar_type()), grad_bases};
 
+  // Each address row's gradients summed in index order over its segment of
+  // the stably sorted index (deterministic, O(N log N)).
   at::Tensor grad_addresses = at::empty({g.R, g.K}, A.options());
-  const at::Tensor counts = at::zeros({2 * g.R}, A.options().dtype(at::kInt));
+  // (The stable flag must be an optional<bool>: a plain `true` converts to
+  // the other overload's `dim` argument and sorts along dimension 1.)
+  const auto [sorted, order] = at::sort(idx, std::optional<bool>(true), /*dim=*/0);
+  const at::Tensor bounds = at::zeros({2 * g.R}, A.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "synthesize_index_rows_cuda", [&] {
-    launch_index_rows<scalar_t>(launch, grad_rows.const_data_ptr<at::opmath_type<scalar_t>>(), index_ptr(idx),
-                                counts.mutable_data_ptr<int>(), grad_addresses.mutable_data_ptr<scalar_t>(), g);
+    launch_index_rows<scalar_t>(launch, grad_rows.const_data_ptr<at::opmath_type<scalar_t>>(),
+                                sorted.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
+                                bounds.mutable_data_ptr<int>(), grad_addresses.mutable_data_ptr<scalar_t>(), g);
   });
   return {grad_addresses, grad_bases};
 }

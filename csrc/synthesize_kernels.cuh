@@ -32,12 +32,12 @@
 //     adjoint weights are computed once per block into shared memory.
 //  2. grad_rows = G_low . B^T and grad_bases (+)= A_rows^T . G_low: two GEMMs
 //     per chunk.
-//  3. With an index, index_count_kernel (one thread per synthesized row)
-//     counts each address row's occurrences and finds its first, then
-//     index_rows_kernel (one warp per address row) sums the row's gradients in
-//     index order: a copy when the row occurs once, a scan of the index after
-//     the first occurrence when it repeats. No float atomics anywhere: the
-//     backward is deterministic.
+//  3. With an index, the caller sorts it stably (ATen on the GPU), then
+//     index_segments_kernel finds each address row's segment of the sorted
+//     positions and index_rows_kernel (one thread per element of
+//     grad_addresses) sums the row's gradients over its segment, in index
+//     order: O(N log N) for the sort, O(N K) for the sums. No float atomics
+//     anywhere: the backward is deterministic.
 // Index ranges are checked in the kernels with device-side asserts
 // (CUDA_KERNEL_ASSERT, as PyTorch's indexing kernels do).
 #pragma once
@@ -48,9 +48,12 @@
 
 #include "geometry.h"
 
-// The kernels' dynamic shared memory (the emulator defines its own).
+// `name`: the kernel's dynamic shared memory as an array of T (the emulator
+// defines a bound-checked one).
 #ifndef ADDRMEM_DYNAMIC_SMEM
-#define ADDRMEM_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define ADDRMEM_DYNAMIC_SMEM(T, name)                                   \
+  extern __shared__ __align__(16) unsigned char name##_bytes[]; \
+  T* const name = reinterpret_cast<T*>(name##_bytes)
 #endif
 // Called with every vector load or store address (the emulator checks alignment).
 #ifndef ADDRMEM_CHECK_VECTOR
@@ -78,8 +81,6 @@ constexpr int kBaseChunk = 32;
 // Adjoint tile: kLowY rows (one per warp) x kLowX columns (one per lane).
 constexpr int kLowY = kWarps;
 constexpr int kLowX = 32;
-// Address columns per lane per pass in index_rows_kernel.
-constexpr int kRowsPerLane = 4;
 
 // Rows per block: fewer for double so that registers and shared memory stay
 // within the same budget.
@@ -114,6 +115,7 @@ __device__ __forceinline__ const Vec<T>* vector_at(const T* row, int64_t i) {
 inline bool vector_aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 __host__ __device__ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // rows[t] = the address row of synthesized row n0 + t (-1 past the end),
@@ -235,8 +237,7 @@ __global__ void __launch_bounds__(kThreads)
                             int64_t tiles_y, int64_t tiles_x, bool vec) {
   constexpr int TY = tile_rows<TX>(), kColumnGroups = TX / kVec;
   static_assert(kColumnGroups * TY * kRowParities == kThreads, "phase 2 uses every thread once");
-  ADDRMEM_DYNAMIC_SMEM(smem);
-  acc_t* low = reinterpret_cast<acc_t*>(smem);  // [TN][npix]
+  ADDRMEM_DYNAMIC_SMEM(acc_t, low);  // [TN][npix]
   __shared__ acc_t coef[kBaseChunk][TN];
   __shared__ int64_t rows[TN];
 
@@ -271,9 +272,10 @@ __global__ void __launch_bounds__(kThreads)
       stage_coef<scalar_t, acc_t, TN>(coef, rows, A, k0, kc, g.K);
       __syncthreads();
       if (active) {
+        // A pointer stepped by D: no 64-bit multiply per base.
         const scalar_t* bk = Bc + k0 * g.D + offset;
-        for (int kk = 0; kk < kc; ++kk) {
-          const acc_t b = static_cast<acc_t>(bk[kk * g.D]);
+        for (int kk = 0; kk < kc; ++kk, bk += g.D) {
+          const acc_t b = static_cast<acc_t>(*bk);
 #pragma unroll
           for (int t = 0; t < TN; ++t) acc[t] += coef[kk][t] * b;
         }
@@ -308,7 +310,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   // Rows t = parity, parity + kRowParities, ...: shared and output pointers
   // advance by a row each step, offsets within a row stay in registers.
-  const acc_t* L = low + parity * npix;
+  auto L = low + parity * npix;
   scalar_t* o = out + (((n0 + parity) * g.C + c) * g.H + Y) * g.W + X0;
   const int64_t o_step = kRowParities * g.C * g.H * g.W;
   const int64_t n_end = imin(n0 + TN, g.N);
@@ -333,19 +335,43 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The output coordinates whose taps include sample i of an axis:
+// [first, first + count), a contiguous range since both taps grow with the
+// coordinate. `twin`: the offset of the coordinate (at most one, at the axis'
+// end) whose two taps are both i and the second has weight 0, or -1. Only
+// these coordinates may touch sample i's gradient: an inf there becomes NaN
+// exactly where the CPU kernel (and ATen) multiply it by a zero weight.
+struct TapWindow {
+  int64_t first;
+  int count, twin;
+};
+template <typename acc_t>
+__device__ inline TapWindow tap_window(int64_t i, int64_t in_size, int64_t s, int64_t out_size) {
+  TapWindow w{0, 0, -1};
+  for (int64_t X = adjoint_first(i, s); X < adjoint_last(i, s, out_size); ++X) {
+    int64_t i0, i1;
+    acc_t l1;
+    source_index<acc_t>(X, in_size, s, i0, i1, l1);
+    if (i0 != i && i1 != i) continue;
+    if (w.count == 0) w.first = X;
+    w.count = static_cast<int>(X - w.first + 1);
+    if (i0 == i1 && l1 == acc_t(0)) w.twin = static_cast<int>(X - w.first);
+  }
+  return w;
+}
+
 // Scale > 1: low[n, c, y, x] = sum_{Y, X} wy(Y, y) wx(X, x) grad[n, c, Y, X]
-// over the output pixels that read (y, x), summed in a fixed order. `taps`
-// bounds the window of one low-resolution sample along either axis.
+// over the output pixels whose taps include (y, x), summed in a fixed order.
+// `taps` bounds that window along either axis. A twin coordinate (see
+// tap_window) adds 0 * grad once more, as the CPU kernel's two products do.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     synthesize_adjoint_kernel(const scalar_t* __restrict__ grad, acc_t* __restrict__ low, Geometry g,
                               int64_t tiles_y, int64_t tiles_x, int taps) {
-  ADDRMEM_DYNAMIC_SMEM(smem);
-  acc_t* wx = reinterpret_cast<acc_t*>(smem);  // [taps][kLowX]: weight of column first_x[lane] + j
-  acc_t* wy = wx + taps * kLowX;               // [taps][kLowY]: weight of row first_y[warp] + j
+  ADDRMEM_DYNAMIC_SMEM(acc_t, wx);  // [taps][kLowX]: weight of column first_x[lane] + j
+  auto wy = wx + taps * kLowX;      // [taps][kLowY]: weight of row first_y[warp] + j
   __shared__ acc_t rowsum[kLowY][kLowX];
-  __shared__ int64_t first_x[kLowX], first_y[kLowY];
-  __shared__ int count_x[kLowX], count_y[kLowY];
+  __shared__ TapWindow window_x[kLowX], window_y[kLowY];
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   int64_t block = blockIdx.x;
@@ -355,38 +381,35 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t plane = block / tiles_y;  // n * C + c
   const int64_t x = tx * kLowX + lane, y = ty * kLowY + warp;
 
-  // The output windows [first, first + count) of the tile's columns and rows
-  // (count 0 past the image), then their weights, spread over all threads.
+  // The windows of the tile's columns and rows (empty past the image), then
+  // their weights, spread over all threads.
   if (threadIdx.x < kLowX) {
     const int64_t i = tx * kLowX + threadIdx.x;
-    const int64_t first = i < g.w ? adjoint_first(i, g.s) : 0;
-    first_x[threadIdx.x] = first;
-    count_x[threadIdx.x] = i < g.w ? static_cast<int>(adjoint_last(i, g.s, g.W) - first) : 0;
+    window_x[threadIdx.x] = i < g.w ? tap_window<acc_t>(i, g.w, g.s, g.W) : TapWindow{0, 0, -1};
   } else if (threadIdx.x < kLowX + kLowY) {
     const int64_t i = ty * kLowY + threadIdx.x - kLowX;
-    const int64_t first = i < g.h ? adjoint_first(i, g.s) : 0;
-    first_y[threadIdx.x - kLowX] = first;
-    count_y[threadIdx.x - kLowX] = i < g.h ? static_cast<int>(adjoint_last(i, g.s, g.H) - first) : 0;
+    window_y[threadIdx.x - kLowX] = i < g.h ? tap_window<acc_t>(i, g.h, g.s, g.H) : TapWindow{0, 0, -1};
   }
   __syncthreads();
   for (int e = threadIdx.x; e < taps * (kLowX + kLowY); e += kThreads) {
     if (e < taps * kLowX) {
       const int j = e / kLowX, l = e % kLowX;
-      wx[e] = j < count_x[l] ? adjoint_weight<acc_t>(first_x[l] + j, tx * kLowX + l, g.w, g.s) : acc_t(0);
+      const TapWindow& w = window_x[l];
+      wx[e] = j < w.count ? adjoint_weight<acc_t>(w.first + j, tx * kLowX + l, g.w, g.s) : acc_t(0);
     } else {
       const int j = (e - taps * kLowX) / kLowY, l = (e - taps * kLowX) % kLowY;
-      wy[e - taps * kLowX] =
-          j < count_y[l] ? adjoint_weight<acc_t>(first_y[l] + j, ty * kLowY + l, g.h, g.s) : acc_t(0);
+      const TapWindow& w = window_y[l];
+      wy[e - taps * kLowX] = j < w.count ? adjoint_weight<acc_t>(w.first + j, ty * kLowY + l, g.h, g.s) : acc_t(0);
     }
   }
   __syncthreads();
 
   // Output rows read by the tile: from its first row's window to its last's.
-  const int64_t Ya = first_y[0];
-  const int64_t Yb = adjoint_last(imin(ty * kLowY + kLowY, g.h) - 1, g.s, g.H);
-  const scalar_t* gx = grad + plane * g.H * g.W + first_x[lane];
-  const int cx = count_x[lane], cy = count_y[warp];
-  const int64_t fy = first_y[warp];
+  const int64_t Ya = window_y[0].first;
+  const TapWindow& last_row = window_y[imin(kLowY, g.h - ty * kLowY) - 1];
+  const int64_t Yb = last_row.first + last_row.count;
+  const TapWindow wcol = window_x[lane], wrow = window_y[warp];
+  const scalar_t* gx = grad + plane * g.H * g.W + wcol.first;
   acc_t acc = acc_t(0);
   for (int64_t Yc = Ya; Yc < Yb; Yc += kLowY) {
     // Warp w reduces output row Yc + w along x for the tile's columns.
@@ -394,75 +417,56 @@ __global__ void __launch_bounds__(kThreads)
     acc_t sum = acc_t(0);
     if (Y < Yb) {
       const scalar_t* row = gx + Y * g.W;
-      for (int j = 0; j < cx; ++j) sum += wx[j * kLowX + lane] * static_cast<acc_t>(row[j]);
+      for (int j = 0; j < wcol.count; ++j) sum += wx[j * kLowX + lane] * static_cast<acc_t>(row[j]);
+      if (wcol.twin >= 0) sum += acc_t(0) * static_cast<acc_t>(row[wcol.twin]);
     }
     rowsum[warp][lane] = sum;
     __syncthreads();
-    // Thread (warp, lane) adds the chunk's rows in its window along y.
-    for (int j = 0; j < kLowY; ++j) {
-      const int64_t e = Yc + j - fy;
-      if (e >= 0 && e < cy) acc += wy[e * kLowY + warp] * rowsum[j][lane];
-    }
+    // Thread (warp, lane) adds the chunk's rows that lie in its window along
+    // y: rows Yc + j for j in [lo, hi), weights from offset Yc + lo - first.
+    const int lo = static_cast<int>(imax(0, wrow.first - Yc));
+    const int hi = static_cast<int>(imin(kLowY, wrow.first + wrow.count - Yc));
+    const int shift = static_cast<int>(Yc - wrow.first);
+    for (int j = lo; j < hi; ++j) acc += wy[(j + shift) * kLowY + warp] * rowsum[j][lane];
+    if (wrow.twin >= 0 && wrow.twin - shift >= lo && wrow.twin - shift < hi)
+      acc += acc_t(0) * rowsum[wrow.twin - shift][lane];
     __syncthreads();
   }
   if (x < g.w && y < g.h) low[plane * g.h * g.w + y * g.w + x] = acc;
 }
 
-// With an index: count[r] = occurrences of row r; first[r] = N - (its first
-// occurrence), 0 if none (both zeroed before). One thread per synthesized row.
+// With an index, its rows' gradients are summed per address row through a
+// stable sort of the index (done by the caller): `sorted` is the index in
+// that order and `order` the positions n, so each address row's occurrences
+// form one segment, in increasing n. One thread per position: a segment's
+// first and last positions set begin[r] and end[r] (zeroed before, so rows
+// that do not occur keep an empty segment). O(N), no atomics.
 __global__ void __launch_bounds__(kThreads)
-    index_count_kernel(const int64_t* __restrict__ idx, int* __restrict__ count, int* __restrict__ first,
-                       int64_t N, int64_t R) {
-  const int64_t n = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
-  if (n >= N) return;
-  const int64_t r = idx[n];
+    index_segments_kernel(const int64_t* __restrict__ sorted, int* __restrict__ begin, int* __restrict__ end,
+                          int64_t N, int64_t R) {
+  const int64_t j = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  if (j >= N) return;
+  const int64_t r = sorted[j];
   CUDA_KERNEL_ASSERT(r >= 0 && r < R && "addrmem::synthesize_backward: index out of range");
-  atomicAdd(count + r, 1);  // integer atomics: the result does not depend on their order
-  atomicMax(first + r, static_cast<int>(N - n));
+  if (j == 0 || sorted[j - 1] != r) begin[r] = static_cast<int>(j);
+  if (j == N - 1 || sorted[j + 1] != r) end[r] = static_cast<int>(j + 1);
 }
 
-// grad_addresses[r] = sum of grad_rows[n] over idx[n] == r, in increasing n
-// (zeros if r is not indexed). One warp per address row; lanes own columns.
+// grad_addresses[r, k] = sum of grad_rows[n, k] over idx[n] == r, in
+// increasing n (0 if r does not occur). One thread per element; a warp's
+// threads read consecutive columns of the same rows. O(N K) in all.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    index_rows_kernel(const acc_t* __restrict__ grad_rows, const int64_t* __restrict__ idx,
-                      const int* __restrict__ count, const int* __restrict__ first,
-                      scalar_t* __restrict__ grad_addresses, int64_t N, int64_t R, int64_t K) {
-  const int lane = threadIdx.x % 32;
-  const int64_t r = blockIdx.x * static_cast<int64_t>(kWarps) + threadIdx.x / 32;
-  if (r >= R) return;  // the whole warp: r is warp-uniform
-  const int c = count[r];
-  const int64_t n = N - first[r];
-  for (int64_t k0 = 0; k0 < K; k0 += 32 * kRowsPerLane) {
-    acc_t acc[kRowsPerLane];
-#pragma unroll
-    for (int v = 0; v < kRowsPerLane; ++v) {
-      const int64_t k = k0 + lane + 32 * v;
-      acc[v] = (c > 0 && k < K) ? grad_rows[n * K + k] : acc_t(0);
-    }
-    // The repeats: `remaining` and the ballot are warp-uniform, so every lane
-    // takes the same path and all 32 lanes vote.
-    int remaining = c - 1;
-    for (int64_t base = n + 1; remaining > 0; base += 32) {
-      const int64_t m = base + lane;
-      unsigned hits = __ballot_sync(0xffffffffu, m < N && idx[m] == r);
-      while (hits) {
-        const int64_t hit = base + __ffs(hits) - 1;
-        hits &= hits - 1;
-        --remaining;
-#pragma unroll
-        for (int v = 0; v < kRowsPerLane; ++v) {
-          const int64_t k = k0 + lane + 32 * v;
-          if (k < K) acc[v] += grad_rows[hit * K + k];
-        }
-      }
-    }
-#pragma unroll
-    for (int v = 0; v < kRowsPerLane; ++v) {
-      const int64_t k = k0 + lane + 32 * v;
-      if (k < K) grad_addresses[r * K + k] = static_cast<scalar_t>(acc[v]);
-    }
-  }
+    index_rows_kernel(const acc_t* __restrict__ grad_rows, const int64_t* __restrict__ order,
+                      const int* __restrict__ begin, const int* __restrict__ end,
+                      scalar_t* __restrict__ grad_addresses, int64_t R, int64_t K) {
+  const int64_t e = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  if (e >= R * K) return;
+  const int64_t r = e / K, k = e % K;
+  const int b = begin[r], last = end[r];
+  acc_t acc = b < last ? grad_rows[order[b] * K + k] : acc_t(0);
+  for (int j = b + 1; j < last; ++j) acc += grad_rows[order[j] * K + k];
+  grad_addresses[e] = static_cast<scalar_t>(acc);
 }
 
 // ---- Host side: launch shapes and launch sequences ---------------------------------------
@@ -494,9 +498,10 @@ void launch_forward(Launch&& launch, const scalar_t* A, const scalar_t* B, const
   }
 }
 
-// The window of one low-resolution sample, [adjoint_first, adjoint_last),
-// holds at most 3s output coordinates. Shared memory: 40 * 3s weights, under
-// 48 KB up to s = 51 (double) or 102 (float); the .cu launcher opts in above.
+// The window of one low-resolution sample holds at most 3s output
+// coordinates. Shared memory: 40 * 3s weights plus about 2 KB of static
+// arrays, under 48 KB up to s = 47 (double) or 98 (float); the .cu launcher
+// opts in above.
 // Writes rows [n0, n0 + rows) of G_low, as a (rows, D) matrix at `low`.
 template <typename scalar_t, typename acc_t, typename Launch>
 void launch_adjoint(Launch&& launch, const scalar_t* grad, acc_t* low, Geometry g, int64_t n0, int64_t rows) {
@@ -517,13 +522,14 @@ inline int64_t backward_chunk_rows(const Geometry& g, int64_t budget) {
   return std::max<int64_t>(1, std::min(g.N, budget / g.D));
 }
 
-// counts: 2 * R ints, zeroed. grad_addresses: (R, K).
+// sorted, order: the index sorted stably and the positions in that order;
+// bounds: 2 * R ints, zeroed. grad_addresses: (R, K).
 template <typename scalar_t, typename acc_t, typename Launch>
-void launch_index_rows(Launch&& launch, const acc_t* grad_rows, const int64_t* idx, int* counts,
-                       scalar_t* grad_addresses, const Geometry& g) {
-  launch(index_count_kernel, ceil_div(g.N, kThreads), 0, idx, counts, counts + g.R, g.N, g.R);
-  launch(index_rows_kernel<scalar_t, acc_t>, ceil_div(g.R, kWarps), 0, grad_rows, idx,
-         static_cast<const int*>(counts), static_cast<const int*>(counts + g.R), grad_addresses, g.N, g.R, g.K);
+void launch_index_rows(Launch&& launch, const acc_t* grad_rows, const int64_t* sorted, const int64_t* order,
+                       int* bounds, scalar_t* grad_addresses, const Geometry& g) {
+  launch(index_segments_kernel, ceil_div(g.N, kThreads), 0, sorted, bounds, bounds + g.R, g.N, g.R);
+  launch(index_rows_kernel<scalar_t, acc_t>, ceil_div(g.R * g.K, kThreads), 0, grad_rows, order,
+         static_cast<const int*>(bounds), static_cast<const int*>(bounds + g.R), grad_addresses, g.R, g.K);
 }
 
 }  // namespace addrmem

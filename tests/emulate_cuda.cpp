@@ -13,8 +13,17 @@
 // can be statics; dynamic shared memory is filled with NaN bytes before each
 // block. What only hardware enforces is checked where it can be: a
 // vector access must be aligned to its size (else the launch fails with code
-// 2). A failed CUDA_KERNEL_ASSERT ends the launch with code 1, as a
-// device-side assert ends a CUDA kernel.
+// 2); every shared-memory access must fall inside its array: the dynamic
+// one as large as the launch allocated (a bound-checked pointer), the static
+// ones as declared (-fsanitize=bounds, reported through the handler below),
+// else the launch fails with code 3. A failed CUDA_KERNEL_ASSERT ends the
+// launch with code 1, as a device-side assert ends a CUDA kernel.
+//
+// The arithmetic is the GPU's: nvcc fuses a * b + c into one FMA wherever it
+// can, the host compiler does not. Built with -mfma and -ffp-contract=off
+// (test_cuda_emulated.py does so where the CPU has FMA), the kernels and
+// device functions below are compiled with contraction on and everything
+// else, the launch sequences included, with it off.
 #include <algorithm>
 #include <atomic>
 #include <barrier>
@@ -29,9 +38,13 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#define __global__
-#define __device__
-#define __host__
+#define __global__ __attribute__((optimize("fp-contract=fast")))
+#define __device__ __attribute__((optimize("fp-contract=fast")))
+// Functions for both sides are inlined into every caller, so that each call
+// takes its caller's contraction, as nvcc's and the host compiler's copies do.
+#define __host__ __attribute__((always_inline))
+#undef C10_HOST_DEVICE
+#define C10_HOST_DEVICE __attribute__((always_inline))
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __restrict__
@@ -43,7 +56,8 @@ struct Dim3 {
 };
 static thread_local Dim3 threadIdx, blockIdx;
 
-// Why a launch failed: 0 none, 1 device-side assert, 2 misaligned vector access.
+// Why a launch failed: 0 none, 1 device-side assert, 2 misaligned vector
+// access, 3 shared memory out of bounds.
 static std::atomic<int> fault{0};
 static std::string fault_message;
 static std::atomic<int64_t> vector_accesses{0};
@@ -65,12 +79,38 @@ static void check_vector(const void* p, size_t bytes) {
   ++vector_accesses;
 }
 
+// -fsanitize=bounds calls these on an out-of-bounds index of a fixed-size
+// array (the __shared__ ones included).
+extern "C" void __ubsan_handle_out_of_bounds(void*, void*) { fail(3, "static shared memory out of bounds"); }
+extern "C" void __ubsan_handle_out_of_bounds_abort(void*, void*) { fail(3, "static shared memory out of bounds"); }
+
+// A pointer into dynamic shared memory that checks every access against the
+// launch's allocation.
+template <typename T>
+struct Shared {
+  T* base;
+  int64_t size, offset;  // in elements of T
+  T& operator[](int64_t i) const {
+    if (offset + i < 0 || offset + i >= size) fail(3, "dynamic shared memory out of bounds");
+    return base[offset + i];
+  }
+  Shared operator+(int64_t n) const { return {base, size, offset + n}; }
+  Shared& operator+=(int64_t n) {
+    offset += n;
+    return *this;
+  }
+};
+
 static std::barrier<>* block_barrier = nullptr;
 static std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 static std::vector<unsigned char> dynamic_smem;
 static bool ballot_votes[1024];
 
-#define ADDRMEM_DYNAMIC_SMEM(name) unsigned char* name = dynamic_smem.data()
+#define ADDRMEM_DYNAMIC_SMEM(T, name)                    \
+  const Shared<T> name {                                  \
+    reinterpret_cast<T*>(dynamic_smem.data()),            \
+        static_cast<int64_t>(dynamic_smem.size() / sizeof(T)), 0 \
+  }
 
 // A failed thread leaves the barriers; the others stop at their next one.
 static void wait(std::barrier<>& barrier) {
@@ -200,12 +240,47 @@ static int backward(const T* grad, const T* A, const T* B, const int64_t* idx, T
   }
   for (int64_t e = 0; e < g.K * g.D; ++e) grad_bases[e] = static_cast<T>(bases_acc[e]);
   if (idx) {
-    std::vector<int> counts(2 * g.R, 0);
-    launch_index_rows<T>(Launch{}, grad_rows.data(), idx, counts.data(), grad_addresses, g);
+    // at::sort(stable=true) on the GPU.
+    std::vector<int64_t> order(g.N), sorted(g.N);
+    for (int64_t n = 0; n < g.N; ++n) order[n] = n;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return idx[a] < idx[b]; });
+    for (int64_t j = 0; j < g.N; ++j) sorted[j] = idx[order[j]];
+    std::vector<int> bounds(2 * g.R, 0);
+    launch_index_rows<T>(Launch{}, grad_rows.data(), sorted.data(), order.data(), bounds.data(), grad_addresses, g);
   } else {
     for (int64_t e = 0; e < g.N * g.K; ++e) grad_addresses[e] = static_cast<T>(grad_rows[e]);
   }
   return fault.load();
+}
+
+// The taps and footprints of an axis of `in` samples upsampled by s, as the
+// kernels compute them (fused where they may be) and as the host does: the
+// number of coordinates whose taps differ, plus the number of tiles of `tile`
+// coordinates whose footprint exceeds the host's largest (which sizes the
+// shared memory).
+template <typename acc_t>
+__device__ void device_source_index(int64_t X, int64_t in, int64_t s, int64_t& i0, int64_t& i1, acc_t& l1) {
+  source_index<acc_t>(X, in, s, i0, i1, l1);
+}
+template <typename acc_t>
+__device__ int64_t device_footprint(int64_t a, int64_t b, int64_t in, int64_t s) {
+  int64_t first, last;
+  footprint<acc_t>(a, b, in, s, first, last);
+  return last - first + 1;
+}
+template <typename acc_t>
+static int64_t tap_mismatches(int64_t in, int64_t s, int64_t tile) {
+  const int64_t out = in * s, most = max_footprint<acc_t>(out, in, s, tile);
+  int64_t bad = 0;
+  for (int64_t X = 0; X < out; ++X) {
+    int64_t h0, h1, d0, d1;
+    acc_t hl, dl;
+    source_index<acc_t>(X, in, s, h0, h1, hl);
+    device_source_index<acc_t>(X, in, s, d0, d1, dl);
+    bad += h0 != d0 || h1 != d1 || std::memcmp(&hl, &dl, sizeof(acc_t)) != 0;
+  }
+  for (int64_t a = 0; a < out; a += tile) bad += device_footprint<acc_t>(a, std::min(a + tile, out), in, s) > most;
+  return bad;
 }
 
 #define EMULATE(suffix, T)                                                                                       \
@@ -225,5 +300,10 @@ EMULATE(f32, float)
 EMULATE(f16, c10::Half)
 EMULATE(bf16, c10::BFloat16)
 const char* emulate_fault_message() { return fault_message.c_str(); }
+int64_t emulate_tap_mismatches_f64(int64_t in, int64_t s, int64_t tile) { return tap_mismatches<double>(in, s, tile); }
+int64_t emulate_tap_mismatches_f32(int64_t in, int64_t s, int64_t tile) { return tap_mismatches<float>(in, s, tile); }
+// x * y + z as the kernels compute it: with one rounding where the build
+// fuses it, as nvcc does.
+__device__ double emulate_device_mul_add(double x, double y, double z) { return x * y + z; }
 int64_t emulate_vector_accesses() { return vector_accesses.load(); }
 }

@@ -1,24 +1,30 @@
 """The CUDA kernels (csrc/synthesize_kernels.cuh) and their launch sequences run
 as host code, for every dtype, against the float64 reference: their tiling,
-footprints, adjoint, index reductions, vector paths and device-side index
-asserts are checked even where there is no GPU (tests/emulate_cuda.cpp says
+footprints, adjoint, index reductions, vector paths, shared-memory bounds and
+device-side index asserts are checked even where there is no GPU, with the
+GPU's fused multiply-adds where the CPU has FMA (tests/emulate_cuda.cpp says
 how)."""
 
 import ctypes
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.utils.cpp_extension
 
+import addrmem
 from addrmem import synthesize_reference
 
 HERE = Path(__file__).parent
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
+# The kernels are compiled with FMA contraction, as nvcc compiles them, where the CPU can run FMA.
+FMA = Path("/proc/cpuinfo").exists() and " fma " in Path("/proc/cpuinfo").read_text()
+needs_fma = pytest.mark.skipif(not FMA, reason="the CPU has no FMA instruction to model the GPU's")
 SUFFIX = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 # Relative to the largest reference value: the output's rounding for half and
 # bfloat16 (they accumulate in float32), summation error for the others.
@@ -30,13 +36,17 @@ def emulator(tmp_path_factory):
     lib = tmp_path_factory.mktemp("emulator") / "emulate_cuda.so"
     includes = [f"-I{p}" for p in torch.utils.cpp_extension.include_paths()]
     subprocess.run(
-        ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", *includes,
-         str(HERE / "emulate_cuda.cpp"), "-o", str(lib)],
+        ["g++", "-std=c++20", "-O2", *(["-mfma"] if FMA else []), "-ffp-contract=off", "-fsanitize=bounds",
+         "-shared", "-fPIC", "-pthread", *includes, str(HERE / "emulate_cuda.cpp"), "-o", str(lib)],
         check=True,
     )
     lib = ctypes.CDLL(str(lib))
     lib.emulate_fault_message.restype = ctypes.c_char_p
     lib.emulate_vector_accesses.restype = ctypes.c_int64
+    lib.emulate_device_mul_add.restype = ctypes.c_double
+    lib.emulate_device_mul_add.argtypes = [ctypes.c_double] * 3
+    for suffix in ("f64", "f32"):
+        getattr(lib, f"emulate_tap_mismatches_{suffix}").restype = ctypes.c_int64
     return lib
 
 
@@ -175,3 +185,85 @@ def test_emulated_backward_is_deterministic(emulator):
     first = backward(emulator, grad, A, B, index, s)
     second = backward(emulator, grad, A, B, index, s)
     assert all(torch.equal(x, y) for x, y in zip(first[1:], second[1:]))
+
+
+@needs_fma
+def test_emulated_kernels_fuse_multiply_adds_as_the_gpu_does(emulator):
+    # 0.1 * 10 rounds to 1 exactly; fused, the product keeps 0.1's rounding error.
+    assert emulator.emulate_device_mul_add(0.1, 10.0, -1.0) == 0.1 * 10 - 1 + 2.0**-54
+
+
+@needs_fma
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_device_and_host_taps_agree(emulator, dtype):
+    """Issue 18, finding 1: fused on the device, a source coordinate could
+    round below an integer that the host's two roundings hit, so a tile of the
+    forward spanned one more low-resolution row or column than the host
+    allocated. Every axis of up to 16 samples at every scale up to 128, with
+    the forward's tile heights and widths (8, 16, 32, 64)."""
+    mismatches = getattr(emulator, f"emulate_tap_mismatches_{SUFFIX[dtype]}")
+    bad = [(n, s, tile) for n in range(1, 17) for s in range(1, 129) for tile in (8, 16, 32, 64)
+           if mismatches(*sizes(n, s, tile))]
+    assert not bad
+
+
+# Shapes (h, w, scale) whose tiled forward overran its shared memory (finding 1).
+OVERRUN = [(torch.float64, (3, 2, 27)), (torch.float64, (3, 6, 27)), (torch.float64, (7, 7, 57)),
+           (torch.float32, (3, 1, 107)), (torch.float32, (3, 1, 235))]
+
+
+@needs_fma
+@pytest.mark.parametrize("dtype, shape", OVERRUN)
+def test_footprints_stay_in_shared_memory(emulator, dtype, shape):
+    h, w, s = shape
+    A, B, index, s, grad = make((3, 2, 1, h, w, s, None), dtype)
+    ref = synthesize_reference(A.double(), B.double(), index, s)
+    code, out = forward(emulator, A, B, index, s)
+    assert code == 0, emulator.emulate_fault_message()
+    assert_close(out, ref, dtype)
+    # Float64: the CPU kernel's taps, to the last bits (the blends may differ in their roundings).
+    if dtype == torch.float64:
+        assert (out - addrmem.synthesize(A, B, index, s)).abs().max() <= 1e-14 * ref.abs().max()
+
+
+@pytest.mark.parametrize("s", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_non_finite_gradients_match_the_cpu(emulator, s, dtype):
+    """An inf or NaN in grad_out reaches only the samples whose taps read that
+    pixel, as on the CPU: 0 * inf = NaN only where a tap has weight 0."""
+    h, w = 5, 7
+    g = torch.Generator().manual_seed(s)
+    A = torch.ones(1, 1, dtype=dtype)
+    B = torch.rand(1, 1, h, w, generator=g, dtype=dtype) + 1
+    grad = torch.randn(1, 1, h * s, w * s, generator=g, dtype=dtype)
+    flat = grad.view(-1)
+    for pos, value in zip(torch.randperm(flat.numel(), generator=g)[:6], [1, -1, 1, 1, -1, 0]):
+        flat[pos] = float("inf") * value if value else float("nan")
+    grad[0, 0, -1, -1] = float("inf")  # the corners, where the taps coincide
+    grad[0, 0, 0, 0] = float("-inf")
+    code, _, grad_B = backward(emulator, grad, A, B, None, s)
+    assert code == 0, emulator.emulate_fault_message()
+    A_cpu, B_cpu = A.clone().requires_grad_(), B.clone().requires_grad_()
+    (want,) = torch.autograd.grad(addrmem.synthesize(A_cpu, B_cpu, None, s), B_cpu, grad)
+    assert torch.equal(grad_B.isnan(), want.isnan()) and torch.equal(grad_B.isinf(), want.isinf())
+    assert torch.equal(grad_B.isinf() & (grad_B > 0), want.isinf() & (want > 0))
+    finite = want.isfinite()
+    assert torch.allclose(grad_B[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_indexed_backward_is_not_quadratic(emulator):
+    """A random index with repeats spread through it costs about what a
+    permutation does (the sums run over a sorted index), not a scan of the
+    index per repeated row."""
+    def seconds(index):  # of CPU time, which other processes' load disturbs less than wall time
+        A, B = torch.randn(4096, 1), torch.randn(1, 1, 1, 1)
+        grad = torch.randn(index.shape[0], 1, 1, 1)
+        start = time.process_time()
+        code, *_ = backward(emulator, grad, A, B, index, 1, chunk=1 << 20)
+        assert code == 0, emulator.emulate_fault_message()
+        return time.process_time() - start
+
+    g = torch.Generator().manual_seed(0)
+    permutation = seconds(torch.randperm(4096, generator=g))
+    repeats = seconds(torch.randint(0, 4096, (4096,), generator=g))
+    assert repeats < 3 * permutation

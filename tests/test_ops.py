@@ -368,9 +368,91 @@ def test_backward_is_deterministic_cuda():
         assert torch.equal(x, y)
 
 
+def assert_matches_cpu_kernel(case, dtype):
+    """The op on CUDA against its CPU kernel (float64: to 1e-14 of the largest value)."""
+    A, B, index, scale = make(case, dtype)
+    out, gA, gB, grad = values_and_grads(A.cuda(), B.cuda(), None if index is None else index.cuda(), scale)
+    want = values_and_grads(A, B, index, scale, grad.cpu())
+    tol = 1e-14 if dtype == torch.float64 else 1e-5
+    for got, cpu in zip((out, gA, gB), want):
+        assert (got.cpu() - cpu).abs().max() <= tol * cpu.abs().max()
+
+
+# Issue 18, finding 1: forward shapes (R, K, C, h, w, scale, index) whose
+# tiles' footprints the device once computed larger than the host allocated.
+FOOTPRINT_CASES = [((3, 2, 1, 3, w, 27, None), torch.float64) for w in range(2, 7)]
+FOOTPRINT_CASES += [((2, 2, 1, h, h, 57, None), torch.float64) for h in (7, 11, 15)]
+FOOTPRINT_CASES += [((2, 2, 1, 3, 3, s, None), torch.float32) for s in (107, 123, 235)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("case, dtype", FOOTPRINT_CASES)
+def test_issue18_footprints_cuda(case, dtype):
+    assert_matches_cpu_kernel(case, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", CASES)
+def test_issue18_float64_matches_cpu_kernel_cuda(case):
+    assert_matches_cpu_kernel(case, torch.float64)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype, fits, too_large", [(torch.float32, 100, 482), (torch.float64, 50, 240)])
+def test_issue18_shared_memory_past_48kb_cuda(dtype, fits, too_large):
+    """The adjoint's shared memory grows with the scale: past 48 KB (static
+    and dynamic together) it opts in, and past the device's limit the op says
+    so itself rather than CUDA's "invalid argument"."""
+    A, B, index, _ = make((2, 2, 1, 2, 3, fits, None), dtype, "cuda")
+    out, gA, gB, grad = values_and_grads(A, B, index, fits)
+    for got, want in zip((out, gA, gB), reference(A, B, index, fits, grad)):
+        assert (got.cpu().double() - want).abs().max() <= 1e-5 * want.abs().max()
+    A, B, index, _ = make((2, 2, 1, 2, 3, too_large, None), dtype, "cuda")
+    with pytest.raises(RuntimeError, match="the scale is too large for the CUDA kernels"):
+        values_and_grads(A, B, index, too_large)
+
+
+@needs_cuda
+def test_issue18_indexed_backward_is_bit_identical_cuda():
+    A, B, _, scale = make((8192, 16, 3, 16, 16, 2, None), torch.float32, "cuda")
+    index = torch.randint(0, 8192, (8192,), generator=torch.Generator().manual_seed(0)).cuda()
+    first = values_and_grads(A, B, index, scale)
+    for _ in range(2):
+        again = values_and_grads(A, B, index, scale, first[3])
+        assert all(torch.equal(x, y) for x, y in zip(first[:3], again[:3]))
+
+
+@needs_cuda
+def test_issue18_more_than_2_31_elements_cuda():
+    """An output and grad_out of 2^31 + 2^20 elements: 64-bit offsets
+    throughout. Rows at both ends checked against the CPU kernel."""
+    n = (2**31 + 2**20) // (3 * 64 * 64) + 1
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(n, 4, generator=g, dtype=torch.float16)
+    B = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float16)
+    A_cuda, B_cuda = A.cuda().requires_grad_(), B.cuda().requires_grad_()
+    out = synthesize(A_cuda, B_cuda, None, 2)
+    assert out.numel() > 2**31
+    ends = torch.tensor([0, 1, n - 2, n - 1])
+    want = synthesize(A[ends].float(), B.float(), None, 2)
+    assert (out[ends.cuda()].float().cpu() - want).abs().max() <= 2e-2 * want.abs().max()
+    grad = torch.zeros_like(out)
+    grad[-1] = 1  # only the last row: its address row's gradient is the last one written
+    gA, gB = torch.autograd.grad(out, (A_cuda, B_cuda), grad)
+    del out, grad
+    A1, B1 = A[-1:].float().requires_grad_(), B.float().requires_grad_()
+    want_A, want_B = torch.autograd.grad(synthesize(A1, B1, None, 2), (A1, B1), torch.ones(1, 3, 64, 64))
+    assert (gA[-1].float().cpu() - want_A[0]).abs().max() <= 2e-2 * want_A.abs().max()
+    assert gA[:-1].abs().max() == 0
+    assert (gB.float().cpu() - want_B).abs().max() <= 2e-2 * want_B.abs().max()
+
+
 # Several row blocks and backward chunks on the CPU (blocks hold about 64K
-# low-resolution values), at scales 1 (the GEMM writes the output) and 2.
-BLOCKED = [(600, 6, 3, 8, 8, 2, "random"), (700, 5, 2, 9, 7, 1, "random"), (400, 3, 1, 5, 6, 3, None)]
+# low-resolution values), at scales 1 (the GEMM writes the output) and 2;
+# below 16 bases grad_rows pads B^T to 8 or 16 columns (the digits job's
+# shape: 12 bases).
+BLOCKED = [(600, 6, 3, 8, 8, 2, "random"), (700, 5, 2, 9, 7, 1, "random"), (400, 3, 1, 5, 6, 3, None),
+           (740, 12, 1, 8, 8, 1, None)]
 
 
 @pytest.mark.parametrize("case", [CASES[3], *BLOCKED])
