@@ -1,4 +1,6 @@
-"""Distillation: one outer step (:func:`outer_step`) and the outer loop (:func:`distill`).
+"""Distillation: one outer step (:func:`outer_step`), the outer loop's state
+(:class:`OuterLoop`, the one place an outer loop is set up) and the loop
+(:func:`distill`).
 
 An outer step (docs/method.md, "One outer iteration") draws a class subset,
 an augmentation, a fresh network, T row indices and a real batch, takes the
@@ -199,9 +201,11 @@ class OuterLoop:
     (:func:`make_outer_optimizer` over ``learnt``, default all of the
     memory's parameters), the ``real`` pool (:class:`RealPool` of
     ``real_images`` (N, C, H, W) and ``real_labels`` (N,) in [0,
-    ``num_classes``), on ``config``'s device and dtype) and the random
-    ``generators`` (:func:`outer_generators` of ``seed``, default
-    ``config.seed``). :meth:`step` takes one outer iteration;
+    ``num_classes``), on the memory's device and in its dtype: tensors
+    already there are used, not copied) and the random ``generators``
+    (:func:`outer_generators` of ``seed``, default ``config.seed``; two
+    loops of one seed over memories of one geometry draw the same inputs,
+    step for step). :meth:`step` takes one outer iteration;
     :meth:`state_dict` and :meth:`load_state_dict` checkpoint what changes
     (the memory, the optimizer, the generators)."""
 
@@ -210,7 +214,8 @@ class OuterLoop:
         self.memory = memory
         self.config = config
         self.optimizer = make_outer_optimizer(memory if learnt is None else learnt, config)
-        self.real = RealPool(real_images, real_labels, num_classes, *config.device_dtype())
+        first = next(memory.parameters())
+        self.real = RealPool(real_images, real_labels, num_classes, first.device, first.dtype)
         self.generators = outer_generators(config.seed if seed is None else seed)
 
     def step(self, iteration: int = 0, **hooks) -> tuple[float, float]:
