@@ -33,7 +33,7 @@ from . import parallel
 from .augment import SiameseAugment
 from .config import DistillConfig, derive_seed, generator
 from .data import Dataset
-from .evaluation import Accuracy, evaluate
+from .evaluation import Accuracy, EvalSettings, evaluate
 from .files import atomic_write_text
 from .hypergradient import hypergradient
 from .memory import AddressableMemory, ImageMemory
@@ -344,11 +344,12 @@ def distill(config: DistillConfig, dataset: Dataset, run_dir: str | None = None,
     device, dtype = config.device_dtype()
     memory = run.memory
     val_seed = derive_seed(config.seed, "val")
+    val_settings = EvalSettings.of(config)
     log_file = open(run.path("log.jsonl"), "a") if writer else None
 
     def validate_memory():
         images, labels = memory.recall()
-        acc = evaluate(images, labels, dataset, config, config.val_nets, split="val", seed=val_seed,
+        acc = evaluate(images, labels, dataset, val_settings, config.val_nets, split="val", seed=val_seed,
                        progress=progress, desc=f"val @ {run.iteration}")
         if run.best is None or acc.mean >= run.best["val"]["mean"]:
             run.best = {"iteration": run.iteration, "val": dataclasses.asdict(acc),
