@@ -111,12 +111,14 @@ def run(args, processes: int) -> dict:
         forwarded = ["--device", args.device, "--meta-batch", str(args.meta_batch), "--iterations",
                      str(args.iterations), "--threads", str(args.threads)]
         forwarded += (["--config", args.config] if args.config else []) + (["--weak"] if args.weak else [])
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        # PYTHONFAULTHANDLER: a worker that aborts (a rare SIGABRT under load, issue 19) prints every thread's
+        # Python stack, which says whether it died in a collective or in teardown
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONFAULTHANDLER": "1"}
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                f"--nproc-per-node={processes}", os.path.abspath(__file__), *forwarded,
                                "--worker", out], env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            raise SystemExit(f"scaling: {processes} processes failed:\n{done.stderr[-2000:]}")
+            raise SystemExit(f"scaling: {processes} processes failed:\n{done.stderr[-8000:]}")
         with open(out) as f:
             return json.load(f)
 
