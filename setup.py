@@ -76,7 +76,6 @@ setup(
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "torchvision", "numpy", "scikit-learn", "tqdm", "pyyaml"],
-    extras_require={"plot": ["matplotlib"]},  # benchmarks/distill_accuracy.py draws its curves with it
+    install_requires=["torch>=2.4", "torchvision", "numpy", "scikit-learn", "tqdm", "pyyaml", "matplotlib"],
     entry_points={"console_scripts": ["addrmem = addrmem.cli:main"]},
 )

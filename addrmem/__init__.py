@@ -24,7 +24,7 @@ _LAZY = {  # name -> the module that defines it, imported on first use
     "DistillConfig": "config", "default_config": "config",
     "EvalSettings": "evaluation", "evaluate": "evaluation",
     "run_experiment": "experiment",
-    "ContinualConfig": "continual", "make_stream": "continual", "run_continual": "continual",
+    "ContinualConfig": "continual", "Method": "continual", "make_stream": "continual", "run_continual": "continual",
     "LabelMap": "query", "load_map": "query", "run_query": "query",
 }
 
@@ -39,6 +39,7 @@ __all__ = [
     "ImageMemory",
     "LabelMap",
     "MLP",
+    "Method",
     "NETWORKS",
     "ResNet18",
     "SiameseAugment",

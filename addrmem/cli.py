@@ -468,10 +468,11 @@ def _continual(args):
 def _format_continual(results) -> str:
     """The table printed by ``addrmem continual``."""
     lines = [f"{results['benchmark']}: {results['tasks']} tasks, {results['protocol']} protocol, budget "
-             f"{results['budget_floats']} floats; test accuracy (%):",
-             f"  {'method':<12} {'RA':>6} {'BTI':>7} {'LA':>6} {'floats':>9} {'seconds':>8}"]
-    lines += [f"  {name:<12} {m['ra']:6.2f} {m['bti']:7.2f} {m['la']:6.2f} {m['num_floats']:9d} {m['seconds']:8.1f}"
-              for name, m in results["methods"].items()]
+             f"{results['budget_bytes']} bytes ({results['budget_floats']} float32 values); test accuracy (%), "
+             f"and RA on held-out training images (val RA):",
+             f"  {'method':<13} {'RA':>6} {'BTI':>7} {'LA':>6} {'val RA':>7} {'values':>9} {'bytes':>9} {'seconds':>8}"]
+    lines += [f"  {name:<13} {m['ra']:6.2f} {m['bti']:7.2f} {m['la']:6.2f} {m['val']['ra']:7.2f} {m['num_floats']:9d} "
+              f"{m['num_bytes']:9d} {m['seconds']:8.1f}" for name, m in results["methods"].items()]
     return "\n".join(lines)
 
 

@@ -66,11 +66,18 @@ def build_memory(config: DistillConfig, dataset: Dataset):
 
 
 def make_outer_optimizer(memory, config: DistillConfig) -> torch.optim.Optimizer:
-    """The outer optimizer of ``config`` over all of ``memory``'s parameters:
+    """The outer optimizer of ``config`` over ``memory``'s parameters that
+    require grad (frozen ones, e.g. shared bases, stay as they are):
     SGD(``outer_lr``, ``outer_momentum``) or Adam(``outer_lr``)."""
+    learnt = _learnt(memory)
     if config.outer_optimizer == "sgd":
-        return torch.optim.SGD(memory.parameters(), lr=config.outer_lr, momentum=config.outer_momentum)
-    return torch.optim.Adam(memory.parameters(), lr=config.outer_lr)
+        return torch.optim.SGD(learnt.values(), lr=config.outer_lr, momentum=config.outer_momentum)
+    return torch.optim.Adam(learnt.values(), lr=config.outer_lr)
+
+
+def _learnt(memory) -> dict:
+    """name -> parameter of ``memory``'s parameters that require grad."""
+    return {name: p for name, p in memory.named_parameters() if p.requires_grad}
 
 
 def outer_generators(seed: int) -> dict:
@@ -146,7 +153,7 @@ def outer_step(memory, optimizer: torch.optim.Optimizer, config: DistillConfig, 
     gradient = gradient or functools.partial(hypergradient, snapshot_every=config.snapshot_every)
     first = next(memory.parameters())
     num_classes = memory.num_classes
-    names = [name for name, _ in memory.named_parameters()]
+    learnt = _learnt(memory)
     parallel.check_meta_batch(config.meta_batch)
     mine = parallel.shard(config.meta_batch)
     flats = []  # per trajectory of this rank: [loss, every gradient flattened in the order of names]
@@ -171,20 +178,20 @@ def outer_step(memory, optimizer: torch.optim.Optimizer, config: DistillConfig, 
                 loss, grads = gradient(memory, net, batches, real_images, real_labels, lr=config.inner_lr,
                                        momentum=config.inner_momentum, augment=augment)
                 flats.append(torch.cat([loss.reshape(1).to(first.dtype)] + [grads[name].reshape(-1)
-                                                                             for name in names]))
+                                                                             for name in learnt]))
     with phase("update"):
         total = parallel.combine(flats, config.meta_batch)
         if config.meta_batch > 1:
             total /= config.meta_batch
         offset = 1
-        for name, p in memory.named_parameters():
+        for p in learnt.values():
             p.grad = total[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
         if config.coeff_reg != "none":
             a = memory.addresses.detach()
             reg = a.sign() if config.coeff_reg == "l1" else a / a.norm().clamp_min(1e-12)
             memory.addresses.grad.add_(reg, alpha=config.coeff_reg_alpha)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(memory.parameters(), config.clip))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(learnt.values(), config.clip))
         loss = float(total[0])
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
@@ -198,8 +205,8 @@ def outer_step(memory, optimizer: torch.optim.Optimizer, config: DistillConfig, 
 
 class OuterLoop:
     """An outer loop's state: ``memory``, its outer ``optimizer``
-    (:func:`make_outer_optimizer` over ``learnt``, default all of the
-    memory's parameters), the ``real`` pool (:class:`RealPool` of
+    (:func:`make_outer_optimizer`: the memory's parameters that require
+    grad), the ``real`` pool (:class:`RealPool` of
     ``real_images`` (N, C, H, W) and ``real_labels`` (N,) in [0,
     ``num_classes``), on the memory's device and in its dtype: tensors
     already there are used, not copied) and the random ``generators``
@@ -210,10 +217,10 @@ class OuterLoop:
     (the memory, the optimizer, the generators)."""
 
     def __init__(self, memory, config: DistillConfig, real_images: torch.Tensor, real_labels: torch.Tensor,
-                 num_classes: int, *, seed: int | None = None, learnt: torch.nn.Module | None = None):
+                 num_classes: int, *, seed: int | None = None):
         self.memory = memory
         self.config = config
-        self.optimizer = make_outer_optimizer(memory if learnt is None else learnt, config)
+        self.optimizer = make_outer_optimizer(memory, config)
         first = next(memory.parameters())
         self.real = RealPool(real_images, real_labels, num_classes, first.device, first.dtype)
         self.generators = outer_generators(config.seed if seed is None else seed)

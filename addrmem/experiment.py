@@ -176,15 +176,12 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
     return results
 
 
-def plot_curves(results: dict, path: str) -> bool:
+def plot_curves(results: dict, path: str) -> None:
     """Draw the validation accuracy of each distilled memory against outer
     iterations (``results["curves"]``), with the undistilled starts and the
-    references' test accuracy as lines, to the PNG ``path``. Returns False,
-    writing nothing, if matplotlib is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        return False
+    references' test accuracy as lines, to the PNG ``path``."""
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -204,5 +201,4 @@ def plot_curves(results: dict, path: str) -> bool:
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-    return True
 

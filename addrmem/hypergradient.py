@@ -111,8 +111,9 @@ def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentu
 
     Returns:
         (loss, grads): the outer loss (0-dim tensor, detached) and a dict from
-        each name of ``memory.named_parameters()`` to d loss / d parameter
-        (same shape; the sum of all T steps' contributions).
+        each name of ``memory.named_parameters()`` that requires grad (frozen
+        parameters are skipped) to d loss / d parameter (same shape; the sum
+        of all T steps' contributions).
 
     Raises ValueError (TypeError for non-tensors) naming the argument that
     does not fit.
@@ -130,10 +131,10 @@ def hypergradient(memory, net, batches, real_images, real_labels, *, lr, momentu
     if not batches:
         raise ValueError("batches is empty: the inner loop needs at least one step")
     flatnet = _FlatNet(net)
-    mem_names, mem_params = zip(*memory.named_parameters())
-    frozen = [name for name, p in zip(mem_names, mem_params) if not p.requires_grad]
-    if frozen:
-        raise ValueError(f"memory parameters {frozen} do not require grad")
+    learnt = [(name, p) for name, p in memory.named_parameters() if p.requires_grad]  # frozen ones are skipped
+    if not learnt:
+        raise ValueError("no memory parameter requires grad: there is nothing to distill")
+    mem_names, mem_params = zip(*learnt)
     w = flatnet.initial
     if w.dtype != mem_params[0].dtype or w.device != mem_params[0].device:
         raise ValueError(f"the network is {w.dtype} on {w.device} but the memory is "

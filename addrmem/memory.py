@@ -10,7 +10,10 @@ baseline without addressing: one free image per slot. Both share one interface:
 * ``memory.recall()`` / ``memory.recall(queries)`` -> the whole memory, or the
   images of general label queries (no gradients);
 * ``memory.sample_index(classes, n_per_c, generator)`` -> one inner step's rows;
-* ``from_budget``, ``num_floats``, ``config``, ``save`` and :func:`load_memory`.
+* storage: ``storage`` (shared floats, floats per row), ``rows_per_class``
+  (for a budget in floats), ``from_budget``, ``num_floats``, ``truncate``
+  (the first rows of each class);
+* ``config``, ``save`` and :func:`load_memory`.
 
 Rows are grouped by class: rows ``[c * per_class, (c + 1) * per_class)`` hold
 class ``c``, and their labels (the ``labels`` buffer) are fixed.
@@ -73,6 +76,45 @@ class _Memory(nn.Module):
     def num_floats(self) -> int:
         """Stored floats: all parameters (labels are not counted)."""
         return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def storage(cls, image_shape, **shape) -> tuple[int, int]:
+        """(floats shared by all rows, floats of one row) of a memory of
+        ``image_shape`` (C, H, W) and ``shape`` (the subclass's other
+        constructor arguments, e.g. n_bases and downsample)."""
+        raise NotImplementedError
+
+    @classmethod
+    def rows_per_class(cls, budget_floats: int, num_classes: int, image_shape, **shape) -> int:
+        """The most rows per class that fit ``budget_floats`` floats together
+        with the shared part (:meth:`storage`); 0 or less when not even one
+        row per class fits."""
+        shared, row = cls.storage(image_shape, **shape)
+        return (budget_floats - shared) // (num_classes * row)
+
+    def shape(self) -> dict:
+        """The ``shape`` keyword arguments of :meth:`storage` for this memory."""
+        return {name: value for name, value in self.config().items()
+                if name not in ("num_classes", "image_shape", "per_class")}
+
+    @torch.no_grad()
+    def truncate(self, per_class: int) -> "_Memory":
+        """A memory of the same kind, dtype and device holding the first
+        ``per_class`` rows of each class and everything shared (the bases);
+        self if it holds no more than that."""
+        _positive_int("per_class", per_class)
+        if per_class >= self.per_class:
+            return self
+        kept = type(self)(**{**self.config(), "per_class": per_class}, generator=torch.Generator())
+        kept.to(self.labels.device, next(self.parameters()).dtype)
+        for name, p in self.named_parameters():
+            target = getattr(kept, name)
+            if target.shape == p.shape:  # shared by all rows
+                target.copy_(p)
+            else:  # one entry per row, rows grouped by class
+                rows = p.view(self.num_classes, self.per_class, *p.shape[1:])[:, :per_class]
+                target.copy_(rows.reshape(target.shape))
+        return kept
 
     def validate_index(self, index: torch.Tensor) -> torch.Tensor:
         """Check a (N,) integer row index's type, shape and device; returns it
@@ -233,6 +275,17 @@ class AddressableMemory(_Memory):
         self.addresses = nn.Parameter(_xavier_uniform((self.rows, n_bases), self.rows + n_bases, generator))
 
     @classmethod
+    def storage(cls, image_shape, n_bases: int, downsample: int = 1) -> tuple[int, int]:
+        """(floats of the bases, floats of one addressing row) of a memory of
+        this shape: (K*C*(H/ds)*(W/ds), K). Raises ValueError for a shape that
+        does not fit."""
+        k, ds = _positive_int("n_bases", n_bases), _positive_int("downsample", downsample)
+        c, h, w = _image_shape(image_shape)
+        if h % ds or w % ds:
+            raise ValueError(f"image size {h}x{w} is not divisible by downsample={ds}")
+        return k * c * (h // ds) * (w // ds), k
+
+    @classmethod
     def from_budget(cls, ipc: int, num_classes: int, image_shape, n_bases: int, downsample: int = 1,
                     **kw) -> "AddressableMemory":
         """The memory that fits a storage budget of ``ipc`` raw images per class
@@ -240,24 +293,19 @@ class AddressableMemory(_Memory):
         r = floor((ipc*C*H*W*n - K*C*(H/ds)*(W/ds)) / (n*K)). Raises
         ValueError if r < 1, naming the largest n_bases that fits. ``kw`` goes
         to the constructor."""
-        ipc, n, k, ds = (_positive_int(name, v) for name, v in
-                         (("ipc", ipc), ("num_classes", num_classes), ("n_bases", n_bases),
-                          ("downsample", downsample)))
-        c, h, w = _image_shape(image_shape)
-        if h % ds or w % ds:
-            raise ValueError(f"image size {h}x{w} is not divisible by downsample={ds}")
-        budget = ipc * c * h * w * n
-        d_low = c * (h // ds) * (w // ds)
-        per_class = (budget - k * d_low) // (n * k)
+        ipc, n = _positive_int("ipc", ipc), _positive_int("num_classes", num_classes)
+        budget = ipc * math.prod(_image_shape(image_shape)) * n
+        per_class = cls.rows_per_class(budget, n, image_shape, n_bases=n_bases, downsample=downsample)
         if per_class < 1:
+            d_low = cls.storage(image_shape, 1, downsample)[0]
             k_max = budget // (d_low + n)  # largest K with budget - K*d_low >= n*K
             fits = (f"at most n_bases={k_max} fits" if k_max >= 1
                     else "no n_bases fits; lower downsample or raise ipc")
             raise ValueError(
-                f"n_bases={k} bases of {d_low} floats leave no addressing row per class within a "
+                f"n_bases={n_bases} bases of {d_low} floats leave no addressing row per class within a "
                 f"budget of {ipc} image(s) per class ({budget} floats): {fits}"
             )
-        return cls(n, (c, h, w), k, per_class, ds, **kw)
+        return cls(n, image_shape, n_bases, per_class, downsample, **kw)
 
     @torch.no_grad()
     def init_from_real(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
@@ -355,6 +403,11 @@ class ImageMemory(_Memory):
         super().__init__(num_classes, image_shape, per_class)
         d = math.prod(self.image_shape)
         self.images = nn.Parameter(_xavier_uniform((self.rows, *self.image_shape), self.rows + d, generator))
+
+    @classmethod
+    def storage(cls, image_shape) -> tuple[int, int]:
+        """(0 shared floats, C*H*W floats per image)."""
+        return 0, math.prod(_image_shape(image_shape))
 
     @classmethod
     def from_budget(cls, ipc: int, num_classes: int, image_shape, **kw) -> "ImageMemory":

@@ -13,7 +13,7 @@ there, next to the run folder's own files:
 * ``curve.json``: the learning curves of results.json, validation accuracy
   (mean ± std over ``val_nets`` networks, %) against outer iteration and
   training seconds, of both distilled memories (the run folder's
-  ``curve.png`` draws them, if matplotlib is installed);
+  ``curve.png`` draws them);
 
 and prints the rows as a Markdown table for ``benchmarks/RESULTS.md``. A run
 that is interrupted (or cut by a time limit) continues with the same command
@@ -110,9 +110,7 @@ def main(argv=None) -> int:
     Path(args.out, "curve.json").write_text(json.dumps(results["curves"], indent=1) + "\n")
     print(markdown(rows))
     print(f"\ncommand: {command}")
-    plotted = os.path.exists(os.path.join(args.out, "curve.png"))
-    print(f"wrote {args.out}/rows.json, curve.json" + (", curve.png" if plotted else
-                                                         " (no curve.png: pip install matplotlib)"))
+    print(f"wrote {args.out}/rows.json, curve.json, curve.png")
     return 0
 
 

@@ -123,6 +123,20 @@ def test_unsampled_rows_get_no_gradient():
     assert grads["addresses"][~used].abs().max() == 0 and grads["addresses"][used].abs().min() > 0
 
 
+def test_frozen_parameters_are_skipped():
+    """Frozen bases get no hypergradient; the addresses' is unchanged by freezing them."""
+    memory, net = make_memory("addressable"), make_net("mlp")
+    batches, real_images, real_labels = make_problem(memory)
+    _, whole = hypergradient(memory, net, batches, real_images, real_labels, lr=LR, momentum=0.9)
+    memory.bases.requires_grad_(False)
+    _, grads = hypergradient(memory, net, batches, real_images, real_labels, lr=LR, momentum=0.9)
+    assert list(grads) == ["addresses"] and memory.bases.grad is None
+    torch.testing.assert_close(grads["addresses"], whole["addresses"], rtol=1e-12, atol=0)
+    memory.addresses.requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing to distill"):
+        hypergradient(memory, net, batches, real_images, real_labels, lr=LR, momentum=0.9)
+
+
 def recomputed(memory, net, batches, real_images, real_labels, momentum, augment):
     """The hypergradient as addrmem computed it before the step graphs were
     kept: a forward without graphs, then per step from the last the step's

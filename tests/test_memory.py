@@ -72,6 +72,34 @@ def test_image_memory_budget():
     assert m.num_floats() == 10 * 10 * 3072
 
 
+def test_storage_accounting():
+    assert AddressableMemory.storage((3, 32, 32), 16, 2) == (16 * 3 * 16 * 16, 16)
+    assert ImageMemory.storage((3, 32, 32)) == (0, 3072)
+    # CIFAR-10 IPC 1, K = 16 at half resolution: (30,720 - 12,288) // (10 * 16) = 115 rows per class
+    assert AddressableMemory.rows_per_class(30720, 10, (3, 32, 32), n_bases=16, downsample=2) == 115
+    assert ImageMemory.rows_per_class(30720, 10, (3, 32, 32)) == 1
+    assert AddressableMemory.rows_per_class(12288, 10, (3, 32, 32), n_bases=16, downsample=2) == 0
+    memory = AddressableMemory(10, (3, 32, 32), 16, 115, 2)
+    assert memory.num_floats() == sum(AddressableMemory.storage((3, 32, 32), **memory.shape())) - 16 + 16 * 1150
+    with pytest.raises(ValueError, match="not divisible"):
+        AddressableMemory.storage((3, 32, 32), 16, 3)
+
+
+@pytest.mark.parametrize("make", [lambda: AddressableMemory(3, (2, 6, 4), 5, 4, 2, generator=gen()),
+                                  lambda: ImageMemory(3, (2, 6, 4), 4, generator=gen())])
+def test_truncate_keeps_the_first_rows_of_each_class_and_the_bases(make):
+    memory = make().double()
+    kept = memory.truncate(2)
+    assert type(kept) is type(memory) and kept.per_class == 2 and next(kept.parameters()).dtype == torch.float64
+    images, labels = memory.recall()
+    kept_images, kept_labels = kept.recall()
+    rows = torch.tensor([0, 1, 4, 5, 8, 9])
+    assert torch.equal(kept_images, images[rows]) and torch.equal(kept_labels, labels[rows])
+    assert memory.truncate(4) is memory and memory.truncate(9) is memory
+    with pytest.raises(ValueError):
+        memory.truncate(0)
+
+
 @pytest.mark.parametrize("kwargs, error", [
     (dict(downsample=3), ValueError),  # 6x4 not divisible by 3
     (dict(downsample=0), ValueError),

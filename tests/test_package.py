@@ -32,3 +32,30 @@ def test_every_public_name_resolves_to_the_object_not_its_module():
         assert getattr(value, "__name__", name) == name or name == "NETWORKS", name
         assert not isinstance(value, type(addrmem)), name
     assert sorted(addrmem.__all__) == addrmem.__all__ and set(addrmem.__all__) <= set(dir(addrmem))
+
+
+def test_every_module_the_package_imports_is_a_declared_dependency():
+    """What README's first install line installs is enough for every command
+    (plots included): each third-party module imported anywhere in addrmem/
+    is in setup.py's install_requires."""
+    import ast
+    import re
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    setup = open(os.path.join(root, "setup.py")).read()
+    declared = re.search(r"install_requires=\[(.*?)\]", setup, re.S).group(1)
+    declared = {re.split(r"[<>=; ]", name.strip().strip('"'))[0].lower() for name in declared.split(",")}
+    dist_of = {"sklearn": "scikit-learn", "yaml": "pyyaml"}
+    imported = set()
+    for folder, _, files in os.walk(os.path.join(root, "addrmem")):
+        for name in files:
+            if name.endswith(".py"):
+                tree = ast.parse(open(os.path.join(folder, name)).read())
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.Import):
+                        imported |= {alias.name.split(".")[0] for alias in node.names}
+                    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                        imported.add(node.module.split(".")[0])
+    third_party = {dist_of.get(m, m) for m in imported if m not in sys.stdlib_module_names and m != "addrmem"}
+    assert "matplotlib" in third_party
+    assert third_party <= declared, third_party - declared
