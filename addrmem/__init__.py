@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 _LAZY = {  # name -> the module that defines it, imported on first use
     "ZCA": "data", "Dataset": "data", "load_dataset": "data",
     "DistillConfig": "config", "default_config": "config",
-    "evaluate": "evaluation",
+    "EvalSettings": "evaluation", "evaluate": "evaluation",
     "run_experiment": "experiment",
     "ContinualConfig": "continual", "Method": "continual", "make_stream": "continual", "run_continual": "continual",
     "LabelMap": "query", "load_map": "query", "run_query": "query",
@@ -35,6 +35,7 @@ __all__ = [
     "ConvNet",
     "Dataset",
     "DistillConfig",
+    "EvalSettings",
     "ImageMemory",
     "LabelMap",
     "MLP",

@@ -25,7 +25,7 @@ from .config import DistillConfig, default_config, derive_seed, device_name, rea
 from .continual import BENCHMARKS as CONTINUAL_BENCHMARKS
 from .continual import ContinualConfig, make_stream, run_continual
 from .data import DATASETS, load_dataset
-from .evaluation import evaluate
+from .evaluation import EvalSettings, evaluate
 from .experiment import METHOD_NAMES, run_experiment
 from .export import export_imagefolder, export_tensors
 from .memory import AddressableMemory, load_memory
@@ -403,19 +403,20 @@ def _eval(args):
             raise ValueError(f"--nets must be >= 1; got {nets}")
         device = _use_device(config)
         _set_threads(config)
+        settings = EvalSettings.of(config, network=args.network or config.network_spec())
         memory = load_memory(_memory_files(args.run)[0], map_location=device)
         dataset = load_dataset(config.dataset, config.data_root, zca=config.zca)
-        make_network(args.network or config.network_spec(), dataset.image_shape, dataset.num_classes, seed=0)
-        return config, nets, memory, dataset
+        make_network(settings.network, dataset.image_shape, dataset.num_classes, seed=0)
+        return config, settings, nets, memory, dataset
 
-    config, nets, memory, dataset = parallel.everywhere(prepare)
+    config, settings, nets, memory, dataset = parallel.everywhere(prepare)
     images, labels = memory.recall()
-    acc = evaluate(images, labels, dataset, config, nets, split="test", seed=derive_seed(config.seed, "test"),
-                   network=args.network, desc="test")
+    acc = evaluate(images, labels, dataset, settings, nets, split="test", seed=derive_seed(config.seed, "test"),
+                   desc="test")
     if parallel.is_writer():
         print(f"test accuracy of {args.run}/memory.pt ({type(memory).__name__}, {len(labels)} images) on "
-              f"{dataset.name}: {acc} % ({nets} {args.network or config.network_spec()} networks x "
-              f"{f'{config.eval_steps} steps' if config.eval_steps else f'{config.eval_epochs} epochs'})")
+              f"{dataset.name}: {acc} % ({nets} {settings.network} networks x "
+              f"{f'{settings.steps} steps' if settings.steps else f'{settings.epochs} epochs'})")
 
 
 def _export(args):

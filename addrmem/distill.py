@@ -1,4 +1,6 @@
-"""Distillation: one outer step (:func:`outer_step`) and the outer loop (:func:`distill`).
+"""Distillation: one outer step (:func:`outer_step`), the outer loop's state
+(:class:`OuterLoop`, the one place an outer loop is set up) and the loop
+(:func:`distill`).
 
 An outer step (docs/method.md, "One outer iteration") draws a class subset,
 an augmentation, a fresh network, T row indices and a real batch, takes the
@@ -31,7 +33,7 @@ from . import parallel
 from .augment import SiameseAugment
 from .config import DistillConfig, derive_seed, generator
 from .data import Dataset
-from .evaluation import Accuracy, evaluate
+from .evaluation import Accuracy, EvalSettings, evaluate
 from .files import atomic_write_text
 from .hypergradient import hypergradient
 from .memory import AddressableMemory, ImageMemory
@@ -206,9 +208,11 @@ class OuterLoop:
     (:func:`make_outer_optimizer`: the memory's parameters that require
     grad), the ``real`` pool (:class:`RealPool` of
     ``real_images`` (N, C, H, W) and ``real_labels`` (N,) in [0,
-    ``num_classes``), on ``config``'s device and dtype) and the random
-    ``generators`` (:func:`outer_generators` of ``seed``, default
-    ``config.seed``). :meth:`step` takes one outer iteration;
+    ``num_classes``), on the memory's device and in its dtype: tensors
+    already there are used, not copied) and the random ``generators``
+    (:func:`outer_generators` of ``seed``, default ``config.seed``; two
+    loops of one seed over memories of one geometry draw the same inputs,
+    step for step). :meth:`step` takes one outer iteration;
     :meth:`state_dict` and :meth:`load_state_dict` checkpoint what changes
     (the memory, the optimizer, the generators)."""
 
@@ -217,7 +221,8 @@ class OuterLoop:
         self.memory = memory
         self.config = config
         self.optimizer = make_outer_optimizer(memory, config)
-        self.real = RealPool(real_images, real_labels, num_classes, *config.device_dtype())
+        first = next(memory.parameters())
+        self.real = RealPool(real_images, real_labels, num_classes, first.device, first.dtype)
         self.generators = outer_generators(config.seed if seed is None else seed)
 
     def step(self, iteration: int = 0, **hooks) -> tuple[float, float]:
@@ -346,11 +351,12 @@ def distill(config: DistillConfig, dataset: Dataset, run_dir: str | None = None,
     device, dtype = config.device_dtype()
     memory = run.memory
     val_seed = derive_seed(config.seed, "val")
+    val_settings = EvalSettings.of(config)
     log_file = open(run.path("log.jsonl"), "a") if writer else None
 
     def validate_memory():
         images, labels = memory.recall()
-        acc = evaluate(images, labels, dataset, config, config.val_nets, split="val", seed=val_seed,
+        acc = evaluate(images, labels, dataset, val_settings, config.val_nets, split="val", seed=val_seed,
                        progress=progress, desc=f"val @ {run.iteration}")
         if run.best is None or acc.mean >= run.best["val"]["mean"]:
             run.best = {"iteration": run.iteration, "val": dataclasses.asdict(acc),

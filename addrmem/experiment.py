@@ -15,7 +15,7 @@ from . import parallel
 from .config import DistillConfig, derive_seed, device_name, generator
 from .data import Dataset
 from .distill import build_memory, distill
-from .evaluation import evaluate
+from .evaluation import EvalSettings, evaluate
 from .files import atomic_write, atomic_write_text
 from .networks import make_network
 from .runs import BASELINE_DIR, open_run_folder, read_json, report_state
@@ -125,11 +125,12 @@ def run_experiment(config: DistillConfig, dataset: Dataset, run_dir: str, resume
         """{arch: Accuracy fields} and the seconds it took; ``full``: the full
         training set's schedule (``full_data_epochs`` epochs)."""
         start = time.perf_counter()
-        tested = dataclasses.replace(config, eval_epochs=config.full_data_epochs, eval_steps=0) if full else config
-        accs = {arch: dataclasses.asdict(evaluate(images, labels, dataset, tested, config.eval_nets, split="test",
-                                                  seed=test_seed, network=arch, progress=progress,
-                                                  desc=f"test {name} ({arch})"))
-                for arch in archs}
+        schedule = dict(epochs=config.full_data_epochs, steps=0) if full else {}
+        accs = {}
+        for arch in archs:
+            settings = EvalSettings.of(config, network=arch, **schedule)
+            accs[arch] = dataclasses.asdict(evaluate(images, labels, dataset, settings, config.eval_nets, split="test",
+                                                     seed=test_seed, progress=progress, desc=f"test {name} ({arch})"))
         return accs, time.perf_counter() - start
 
     methods, seconds, curves = {}, {}, {}

@@ -32,17 +32,10 @@ import torch
 from torch import nn
 
 from .files import atomic_torch_save, load_torch
+from .networks import _positive_int
 from .ops import synthesize, validate_index
 
 __all__ = ["AddressableMemory", "ImageMemory", "load_memory"]
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1; got {value}")
-    return value
 
 
 def _image_shape(image_shape):

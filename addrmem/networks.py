@@ -37,6 +37,8 @@ __all__ = ["AlexNet", "ConvNet", "MLP", "NETWORKS", "NETWORK_OPTIONS", "ResNet18
 
 
 def _positive_int(name, value, minimum=1):
+    """``value`` if it is an int (not a bool) >= ``minimum``; else TypeError
+    or ValueError naming ``name``. The memories' checks use it too."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
     if value < minimum:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from .config import DistillConfig, derive_seed, generator
 from .data import Dataset, to_display
 from .distill import distill
-from .evaluation import evaluate
+from .evaluation import EvalSettings, evaluate
 from .experiment import random_subset
 from .files import atomic_write, atomic_write_text
 from .runs import create_run_folder, enlarge
@@ -278,8 +278,8 @@ def run_query(config: DistillConfig, dataset: Dataset, memories: dict, label_map
     for name, images, labels, floats, epochs in tqdm(sets(), total=count, desc="query", disable=None if progress
                                                      else True):
         labels = labels.to(dtype) if labels.is_floating_point() else labels
-        acc = evaluate(images, labels, new_data, dataclasses.replace(config, eval_epochs=epochs), nets,
-                       split="test", seed=test_seed, progress=progress, desc=f"test {name}")
+        acc = evaluate(images, labels, new_data, EvalSettings.of(config, epochs=epochs), nets, split="test",
+                       seed=test_seed, progress=progress, desc=f"test {name}")
         methods[name] = {"test": dataclasses.asdict(acc), "images": len(labels), "num_floats": floats,
                          "epochs": epochs}
     results = {"dataset": dataset.name, "map": label_map.name,

@@ -4,7 +4,7 @@ Two implementations of one outer iteration of distillation (docs/method.md,
 "One outer iteration" and "The hypergradient") run on the same job, the same
 device, in one process:
 
-- **(a) addrmem**: the library's outer step, ``addrmem.distill.outer_step``,
+- **(a) addrmem**: the library's outer step, ``addrmem.distill.OuterLoop.step``,
   whose hypergradient is ``addrmem.hypergradient`` (weights kept on the
   device as flat snapshots, the fused synthesis op, one double backward per
   step).
@@ -21,20 +21,22 @@ device, in one process:
   in the official code), the step's loss is recomputed with ``create_graph=True``
   and one ``torch.autograd.grad`` of <g_t, dv> gives the weights' and the
   memory's parts (a double backward per step). It runs inside the same
-  ``outer_step`` as (a), given as its ``gradient``: the two tables are the
-  parameters ``addresses`` and ``bases`` of a small module, so the sampling
-  and the update (global clip 2, SGD lr 0.1, momentum 0.5) are the same code.
+  ``outer_step`` as (a), through ``OuterLoop.step``'s ``gradient`` hook:
+  the two tables are the parameters ``addresses`` and ``bases`` of a small
+  module, so the sampling and the update (global clip 2, SGD lr 0.1,
+  momentum 0.5) are the same code.
 
 Inner lr 0.01 and momentum 0.9 (``DistillConfig()``'s defaults, the
 official ones, docs/method.md, "Reference settings"); no augmentation (the
 README job's ``none``).
 
-What is compared. Outer iteration i of each implementation draws its inputs
-from the outer loop's generators seeded with ``derive_seed(seed, "inputs",
-i)`` (``addrmem.distill.outer_generators``), so both get the same network
-weights, T row indices (``memory.sample_index``, all classes) and real batch
-(as ``benchmarks/outer_step.py``: a pool of random "real" images on the
-device). Both memories start equal ((b)'s tables are copies of (a)'s initial
+What is compared. Each implementation runs in an ``addrmem.distill.OuterLoop``
+of its own (its memory, outer optimizer and generators), both made by
+``outer_step.Job.outer_loop``: their generators are seeded alike and draw
+alike, so outer iteration i of both gets the same network weights, T row
+indices (``memory.sample_index``, all classes) and real batch (as
+``benchmarks/outer_step.py``: a pool of random "real" images on the device,
+one pool for both). Both memories start equal ((b)'s tables are copies of (a)'s initial
 values). On the first (warm-up) iteration the benchmark compares the two
 hypergradients, taken before either memory is updated: ||g_a - g_b|| / ||g_b|| and max |g_a - g_b|, for the bases and
 for the addresses separately (they compute the same function: only rounding
@@ -108,7 +110,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import json
 import statistics
 import sys
@@ -124,15 +125,10 @@ except ImportError:  # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import addrmem  # noqa: F401
 from addrmem import hypergradient
-from addrmem.config import derive_seed, resolve_device
-from addrmem.distill import make_outer_optimizer, outer_generators, outer_step
-from addrmem.networks import NETWORKS
+from common import Stopwatch, device_name, fmt_bytes, fmt_time
+from outer_step import DEFAULT, QUICK, Job, add_job_arguments, job_from, run_info
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from outer_step import (CPU_CIFAR, DEFAULT, QUICK, Job, Stopwatch, add_size_arguments, device_name,  # noqa: E402
-                        fmt_bytes, fmt_time, run_info)
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = ("float32", "float64")
 IMPLEMENTATIONS = ("addrmem", "official")
 LABELS = {"addrmem": "(a) addrmem", "official": "(b) official-style"}
 TARGET_SECONDS = 1.0  # (a) per outer iteration, default setting, one H100, float32
@@ -209,35 +205,41 @@ class OfficialStyle(nn.Module):
 
 
 class Runner:
-    """One implementation, its memory and outer optimizer; its outer steps
-    are ``addrmem.distill.outer_step`` with its ``gradient``."""
+    """One implementation: its ``loop`` (an ``addrmem.distill.OuterLoop``
+    over its memory, from ``Job.outer_loop``) and its ``gradient``, the
+    hypergradient its outer steps take."""
 
-    def __init__(self, name: str, memory, job: Job):
-        self.name, self.memory, self.job = name, memory, job
-        self.optimizer = make_outer_optimizer(memory, job.config)
+    def __init__(self, name: str, loop):
+        self.name, self.loop = name, loop
+        self.device = next(loop.memory.parameters()).device
         self.gradient = hypergradient if name == "addrmem" else OfficialStyle.hypergradient
 
     def step(self, i: int, gradient=None, phase=None) -> None:
-        """Outer iteration ``i`` (its inputs drawn from the generators of
-        ``derive_seed(seed, "inputs", i)``), with ``gradient`` in place of the
-        implementation's own if given."""
-        job = self.job
-        generators = outer_generators(derive_seed(job.seed, "inputs", i))
-        outer_step(self.memory, self.optimizer, job.config, job.real, generators, i,
-                   gradient=gradient or self.gradient, phase=phase)
+        """Outer iteration ``i`` of the loop, with ``gradient`` in place of
+        the implementation's own if given."""
+        self.loop.step(i, gradient=gradient or self.gradient, phase=phase)
 
     def timed_iteration(self, i: int) -> tuple[float, int | None]:
         """Outer iteration ``i``: (seconds of its hypergradient + update, peak
         bytes allocated on CUDA, else None)."""
-        cuda = self.job.device.type == "cuda"
+        cuda = self.device.type == "cuda"
         if cuda:
-            torch.cuda.synchronize(self.job.device)
-            torch.cuda.reset_peak_memory_stats(self.job.device)
-        watch = Stopwatch(self.job.device)
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        watch = Stopwatch(self.device)
         timed = ("hypergradient", "update")
         self.step(i, phase=lambda name: watch(name) if name in timed else contextlib.nullcontext())
         seconds = sum(watch.seconds()[name] for name in timed)
-        return seconds, torch.cuda.max_memory_allocated(self.job.device) if cuda else None
+        return seconds, torch.cuda.max_memory_allocated(self.device) if cuda else None
+
+
+def make_runners(job: Job) -> dict:
+    """{"addrmem": the job's loop, "official": an :class:`OfficialStyle`
+    copy of its memory's initial values in a loop of its own}, as
+    :class:`Runner`; their loops draw the same inputs, iteration for
+    iteration."""
+    return {"addrmem": Runner("addrmem", job.loop),
+            "official": Runner("official", job.outer_loop(OfficialStyle(job.memory)))}
 
 
 def warm_up(runners: dict, tf32_effect: bool = False, fp64_reference: bool = False):
@@ -306,37 +308,12 @@ def parse_args(argv):
                     "implementation of the official algorithm, and how far their hypergradients differ.",
         epilog="See the module docstring for what is measured and how.",
     )
-    jobs = p.add_mutually_exclusive_group()
-    jobs.add_argument("--quick", action="store_true", help="a tiny digits-like job (1x8x8, T=5) instead of "
-                      "the README's CIFAR-10 IPC-1 job")
-    jobs.add_argument("--cpu-cifar", action="store_true", help="the CPU CIFAR-10 setting: the README job's "
-                      "memory with ConvNet width 32, T=10, 10 rows per class per step")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: cuda if available, else cpu (default)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    add_job_arguments(p, DTYPES)
     p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions for both (CUDA, float32 "
                    "only); also reports addrmem's TF32 hypergradient against its float32 one")
     p.add_argument("--fp64-reference", action="store_true", help="float32 only: also compute addrmem's float64 "
                    "hypergradient on the warm-up inputs and report how far each float32 one lies from it")
-    p.add_argument("--steps", type=int, metavar="T", help="inner steps (default: 150, 5 with --quick, 10 with "
-                   "--cpu-cifar)")
-    p.add_argument("--net", choices=sorted(NETWORKS), help="network (default: convnet)")
-    add_size_arguments(p)
-    p.add_argument("--iterations", type=int, metavar="N", help="timed outer iterations per implementation, "
-                   "after one warm-up each (default: 5, 3 with --quick)")
-    p.add_argument("--seed", type=int, default=0, help="seed of everything (>= 0; default 0)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
-    for name in ("steps", "iterations"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name} must be at least 1")
-    if args.seed < 0:
-        p.error("--seed must be >= 0")
-    try:
-        args.device = resolve_device(args.device)
-    except ValueError as exc:
-        p.error(str(exc))
     if args.tf32 and args.dtype != "float32":
         p.error("--tf32 applies to float32 only")
     if args.fp64_reference and args.dtype != "float32":
@@ -348,26 +325,18 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = args.device
-    cuda = device.type == "cuda"
-    base = QUICK if args.quick else CPU_CIFAR if args.cpu_cifar else DEFAULT
-    overrides = {"steps": args.steps, "net": args.net, "net_width": args.net_width, "net_depth": args.net_depth}
-    setting = dataclasses.replace(base, augment=False, **{k: v for k, v in overrides.items() if v is not None})
-    iterations = args.iterations or (3 if args.quick else 5)
-    try:
-        job = Job(setting, device, DTYPES[args.dtype], args.seed)
-    except ValueError as exc:
-        print(f"distill_speed.py: error: {exc}", file=sys.stderr)
+    job = job_from(args, "distill_speed.py", augment=False)
+    if job is None:
         return 2
-    with tf32(args.tf32) if cuda else contextlib.nullcontext():
+    iterations = args.iterations or (3 if args.setting is QUICK else 5)
+    with tf32(args.tf32) if job.device.type == "cuda" else contextlib.nullcontext():
         return run(args, job, iterations)
 
 
 def run(args, job: Job, iterations: int) -> int:
     setting, device, memory = job.setting, job.device, job.memory
     cuda = device.type == "cuda"
-    runners = {"addrmem": Runner("addrmem", memory, job),
-               "official": Runner("official", OfficialStyle(memory), job)}
+    runners = make_runners(job)
     net_params = job.net_weights
     precision = f", TF32 {'on' if args.tf32 else 'off'} (cuBLAS and cuDNN)" if cuda and args.dtype == "float32" else ""
     print(f"distill_speed benchmark on {device_name(device)}, torch {torch.__version__}, {args.dtype}{precision}")
@@ -404,7 +373,7 @@ def run(args, job: Job, iterations: int) -> int:
     seconds = {name: statistics.median(runs[name]) for name in IMPLEMENTATIONS}
     peak = {name: max(peaks[name]) if cuda else None for name in IMPLEMENTATIONS}
     speedup = seconds["official"] / seconds["addrmem"]
-    official = runners["official"].memory
+    official = runners["official"].loop.memory
     memory_after = compare(dict(memory.named_parameters()), agreement_view(dict(official.named_parameters()), memory))
 
     worst = max(agreement[name]["rel"] for name in agreement)

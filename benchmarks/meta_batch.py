@@ -35,7 +35,7 @@ import torch
 from addrmem.config import DistillConfig, default_config, derive_seed
 from addrmem.data import load_dataset
 from addrmem.distill import distill
-from addrmem.evaluation import evaluate
+from addrmem.evaluation import EvalSettings, evaluate
 
 
 def parse_args(argv):
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             result = distill(config, dataset, progress=False)
             seconds = time.perf_counter() - start
             images, labels = result.memory.recall()
-            test = evaluate(images, labels, dataset, config, config.eval_nets, split="test",
+            test = evaluate(images, labels, dataset, EvalSettings.of(config), config.eval_nets, split="test",
                             seed=derive_seed(seed, "test"), progress=False)
             rows.append({"meta_batch": m, "seed": seed, "iterations": config.iterations, "test_mean": test.mean,
                          "test_std": test.std, "val_mean": result.val.mean, "best_iteration": result.iteration,

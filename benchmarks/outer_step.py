@@ -1,8 +1,9 @@
 """Time one outer iteration of distillation, part by part (docs/method.md,
 "One outer iteration").
 
-An outer iteration is one call of the library's ``addrmem.distill.outer_step``,
-whose parts the benchmark times through its ``phase`` hook:
+An outer iteration is one call of the library's ``addrmem.distill.OuterLoop.step``
+(``addrmem.distill.outer_step``), whose parts the benchmark times through its
+``phase`` hook:
 
 - **network**: a fresh, seeded network (``addrmem.make_network``, then
   ``.to(device, dtype)``);
@@ -84,14 +85,10 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -105,10 +102,11 @@ except ImportError:  # run from a source checkout that is not installed
     import addrmem
 from addrmem import AddressableMemory, make_network
 from addrmem.config import DistillConfig, resolve_device
-from addrmem.distill import RealPool, make_outer_optimizer, outer_generators, outer_step
+from addrmem.distill import OuterLoop
 from addrmem.networks import NETWORKS
+from common import Stopwatch, at_least, device_name, fmt_bytes, fmt_time, medians
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float64", "bfloat16")  # torch dtype names
 OFFICIAL = DistillConfig()  # inner lr 0.01 / momentum 0.9, outer SGD 0.1 / 0.5, clip 2 (the official settings)
 PARTS = ("network", "sample", "hypergradient", "update")  # the benchmark's ranges, in order
 LOOPS = ("inner_forward", "reverse")  # addrmem.hypergradient's ranges, in order
@@ -147,12 +145,13 @@ OPS = ("addrmem::synthesize", "addrmem::synthesize_backward")  # the fused op's 
 
 class Job:
     """What outer iterations work on: the setting's distillation config
-    (``OFFICIAL`` with the setting's network and its size, T, rows and real images per
-    class, augmentation), memory, outer optimizer, real pool
-    (``pool_per_class`` random images per class) and the outer loop's
-    generators, all from ``seed``; the memory and pool on ``device``;
-    ``net_weights``, the network's number of weights. Raises ValueError for
-    a setting that does not fit (e.g. a network too deep for the images)."""
+    (``OFFICIAL`` with the setting's network and its size, T, rows and real
+    images per class, augmentation), its memory and real pool
+    (``pool_per_class`` random images per class), all from ``seed``, on
+    ``device`` in ``dtype``; ``loop``, the memory's
+    ``addrmem.distill.OuterLoop`` (:meth:`outer_loop`); ``net_weights``, the
+    network's number of weights. Raises ValueError for a setting that does
+    not fit (e.g. a network too deep for the images)."""
 
     def __init__(self, setting: Setting, device: torch.device, dtype: torch.dtype, seed: int):
         self.setting, self.device, self.dtype, self.seed = setting, device, dtype, seed
@@ -169,49 +168,25 @@ class Job:
         if setting.n_per_c > memory.per_class:
             raise ValueError(f"n_per_c={setting.n_per_c} exceeds the memory's {memory.per_class} rows per class")
         self.memory = memory.to(device=device, dtype=dtype)
-        self.optimizer = make_outer_optimizer(self.memory, self.config)
         n_pool = setting.num_classes * setting.pool_per_class
-        pool = torch.randn(n_pool, *setting.image_shape, generator=g)
-        labels = torch.arange(setting.num_classes).repeat_interleave(setting.pool_per_class)
-        self.real = RealPool(pool, labels, setting.num_classes, device, dtype)
-        self.generators = outer_generators(seed)
+        # On the device once: every loop of the job uses these tensors, so two loops hold one pool.
+        self.real_images = torch.randn(n_pool, *setting.image_shape, generator=g).to(device, dtype)
+        self.real_labels = torch.arange(setting.num_classes).repeat_interleave(setting.pool_per_class).to(device)
+        self.loop = self.outer_loop(self.memory)
         self.iterations = 0
 
+    def outer_loop(self, memory) -> OuterLoop:
+        """An OuterLoop over ``memory`` (the job's, or one of its geometry on
+        its device) with the job's config, real pool and generators of
+        ``seed``: the loops it makes draw the same inputs, step for step."""
+        return OuterLoop(memory, self.config, self.real_images, self.real_labels, self.setting.num_classes,
+                         seed=self.seed)
+
     def iteration(self, part) -> None:
-        """One outer iteration (``addrmem.distill.outer_step``); ``part(name)``
-        is a context manager entered around each of PARTS."""
-        outer_step(self.memory, self.optimizer, self.config, self.real, self.generators, self.iterations,
-                   phase=part)
+        """One outer iteration of :attr:`loop`; ``part(name)`` is a context
+        manager entered around each of PARTS."""
+        self.loop.step(self.iterations, phase=part)
         self.iterations += 1
-
-
-class Stopwatch:
-    """Times named spans: perf_counter on the CPU; on CUDA, events recorded on
-    the current stream, read (after one synchronisation) by :meth:`seconds`."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.spans = {}
-
-    def _now(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    @contextlib.contextmanager
-    def __call__(self, name):
-        start = self._now()
-        yield
-        self.spans[name] = (start, self._now())
-
-    def seconds(self) -> dict:
-        """{name: seconds} of the spans timed so far."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            return {name: start.elapsed_time(end) / 1e3 for name, (start, end) in self.spans.items()}
-        return {name: end - start for name, (start, end) in self.spans.items()}
 
 
 def wall_iteration(job: Job) -> dict:
@@ -285,24 +260,6 @@ def range_span(events, name: str) -> tuple[float, float, bool]:
     return cpu[0].time_range.start, max([cpu[0].time_range.end, *device_ends]), bool(device_ends)
 
 
-def medians(runs: list[dict]) -> dict:
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-
-
-def fmt_time(t) -> str:
-    if t is None:
-        return "-"
-    if t < 1e-3:
-        return f"{t * 1e6:.1f} us"
-    if t < 1:
-        return f"{t * 1e3:.2f} ms"
-    return f"{t:.3f} s"
-
-
-def fmt_bytes(n) -> str:
-    return "n/a" if n is None else f"{n / 2**30:.3f} GiB"
-
-
 ROWS = [  # (key, label)
     ("network", "network: fresh init + to device"),
     ("sample", "1 sample: T index tensors + real batch"),
@@ -338,32 +295,60 @@ def run_info(setting: Setting, memory, net_params: int, device: torch.device, dt
     }
 
 
-def at_least(minimum: int):
-    """An argparse type: an int >= ``minimum``."""
-    def parse(text: str) -> int:
+def add_job_arguments(p: argparse.ArgumentParser, dtypes) -> argparse._MutuallyExclusiveGroup:
+    """The arguments outer_step.py and distill_speed.py share: the setting
+    (``args.setting``: DEFAULT, or --quick's or --cpu-cifar's, options of the
+    group returned, where a benchmark adds its own), --steps, --net,
+    --net-width, --net-depth, --device (``args.device``, a torch.device this
+    machine has), --dtype (a name of ``dtypes``), --iterations, --seed and
+    --json."""
+    def device(name: str) -> torch.device:
         try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an int; got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}; got {value}")
-        return value
-    return parse
+            return resolve_device(name)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    jobs = p.add_mutually_exclusive_group()
+    jobs.add_argument("--quick", dest="setting", action="store_const", const=QUICK, default=DEFAULT,
+                      help="a tiny digits-like job (1x8x8, T=5) instead of the README's CIFAR-10 IPC-1 job")
+    jobs.add_argument("--cpu-cifar", dest="setting", action="store_const", const=CPU_CIFAR,
+                      help="the CPU CIFAR-10 setting: the README job's memory with ConvNet width 32, T=10, "
+                           "10 rows per class per step")
+    p.add_argument("--device", type=device, default="auto", help="auto (default: cuda if available, else cpu), "
+                   "cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=dtypes, default="float32")
+    p.add_argument("--steps", type=at_least(1), metavar="T", help="inner steps (default: the setting's; 150, "
+                   "5 with --quick, 10 with --cpu-cifar)")
+    p.add_argument("--net", choices=sorted(NETWORKS), help="network (default: convnet)")
+    p.add_argument("--net-width", type=at_least(1), metavar="W", help="the ConvNet's channels or the MLP's hidden "
+                   "units (default: 128, 32 with --cpu-cifar)")
+    p.add_argument("--net-depth", type=at_least(0), metavar="D", help="the ConvNet's blocks or the MLP's hidden "
+                   "layers (default: the network's own)")
+    p.add_argument("--iterations", type=at_least(1), metavar="N", help="timed outer iterations after one warm-up "
+                   "(default: 5, 3 with --quick)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of everything (default 0)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    return jobs
 
 
-def add_size_arguments(p: argparse.ArgumentParser) -> None:
-    """--net-width and --net-depth (DistillConfig's net_width and net_depth)."""
-    p.add_argument("--net-width", type=at_least(1), metavar="W", help="the ConvNet's channels or the MLP's hidden units "
-                   "(default: 128, 32 with --cpu-cifar)")
-    p.add_argument("--net-depth", type=at_least(0), metavar="D", help="the ConvNet's blocks or the MLP's hidden layers "
-                   "(default: the network's own)")
+def chosen_setting(args, **fixed) -> Setting:
+    """``args.setting`` with the values of --steps, --net, --net-width,
+    --net-depth and, where the benchmark has them, --n-per-c and
+    --snapshot-every that were given, and ``fixed``."""
+    names = ("steps", "net", "net_width", "net_depth", "n_per_c", "snapshot_every")
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    return dataclasses.replace(args.setting, **given, **fixed)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    threads = torch.get_num_threads()
-    return f"CPU {platform.machine()} ({threads} thread{'s' if threads > 1 else ''})"
+def job_from(args, script: str, **fixed) -> Job | None:
+    """The Job the arguments choose: ``chosen_setting(args, **fixed)`` on
+    ``args.device`` in ``args.dtype``, from ``args.seed``; None, after
+    ``script: error: ...`` on stderr, for a setting that does not fit."""
+    try:
+        return Job(chosen_setting(args, **fixed), args.device, getattr(torch, args.dtype), args.seed)
+    except ValueError as exc:
+        print(f"{script}: error: {exc}", file=sys.stderr)
+        return None
 
 
 def parse_args(argv):
@@ -371,57 +356,26 @@ def parse_args(argv):
         description="Time one outer iteration of addrmem's distillation, part by part.",
         epilog="See the module docstring for what is measured and how.",
     )
-    jobs = p.add_mutually_exclusive_group()
-    jobs.add_argument("--quick", action="store_true", help="a tiny digits-like job (1x8x8, T=5) instead of "
-                      "the README's CIFAR-10 IPC-1 job")
-    jobs.add_argument("--cpu-cifar", action="store_true", help="the CPU CIFAR-10 setting: the README job's "
-                      "memory with ConvNet width 32, T=10, 10 rows per class per step")
-    jobs.add_argument("--mnist", action="store_true", help="configs/mnist-ipc1-cpu.yaml's job (28x28, K=16 "
-                      "bases at 14x14, 29 rows per class, MLP, T=100) instead of the CIFAR-10 one")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: cuda if available, else cpu (default)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    p.add_argument("--steps", type=int, metavar="T", help="inner steps (default: 150, 5 with --quick, 10 with "
-                   "--cpu-cifar, 100 with --mnist)")
-    p.add_argument("--n-per-c", type=int, metavar="N",
+    jobs = add_job_arguments(p, DTYPES)
+    jobs.add_argument("--mnist", dest="setting", action="store_const", const=MNIST,
+                      help="configs/mnist-ipc1-cpu.yaml's job (28x28, K=16 bases at 14x14, 29 rows per class, "
+                           "MLP, T=100) instead of the CIFAR-10 one")
+    p.add_argument("--n-per-c", type=at_least(1), metavar="N",
                    help="memory rows per class per inner step (default: 32, 4 with --quick, 10 with --cpu-cifar)")
-    p.add_argument("--net", choices=sorted(NETWORKS), help="network (default: convnet)")
-    add_size_arguments(p)
     p.add_argument("--augment", action="store_true", help="flip/rotate augmentation (docs/method.md)")
-    p.add_argument("--snapshot-every", type=int, metavar="K",
+    p.add_argument("--snapshot-every", type=at_least(1), metavar="K",
                    help="keep every K-th inner step's weights, recompute the others (default: 1, keep all)")
-    p.add_argument("--iterations", type=int, metavar="N",
-                   help="timed outer iterations per pass, after one warm-up (default: 5, 3 with --quick)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    args = p.parse_args(argv)
-    for name in ("steps", "n_per_c", "iterations", "snapshot_every"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    try:
-        args.device = resolve_device(args.device)
-    except ValueError as exc:
-        p.error(str(exc))
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = args.device
-    cuda = device.type == "cuda"
-    base = QUICK if args.quick else MNIST if args.mnist else CPU_CIFAR if args.cpu_cifar else DEFAULT
-    overrides = {"steps": args.steps, "n_per_c": args.n_per_c, "net": args.net,
-                 "snapshot_every": args.snapshot_every, "net_width": args.net_width, "net_depth": args.net_depth}
-    setting = dataclasses.replace(base, augment=args.augment,
-                                  **{k: v for k, v in overrides.items() if v is not None})
-    iterations = args.iterations or (3 if args.quick else 5)
-    try:
-        job = Job(setting, device, DTYPES[args.dtype], args.seed)
-    except ValueError as exc:
-        print(f"outer_step.py: error: {exc}", file=sys.stderr)
+    job = job_from(args, "outer_step.py", augment=args.augment)
+    if job is None:
         return 2
-    memory = job.memory
+    setting, device, memory = job.setting, job.device, job.memory
+    cuda = device.type == "cuda"
+    iterations = args.iterations or (3 if args.setting is QUICK else 5)
     net_params = job.net_weights
     print(f"outer_step benchmark on {device_name(device)}, torch {torch.__version__}, {args.dtype}")
     print(f"setting {setting.name}: {job.config.network_spec()} ({net_params:,} weights) on {setting.image_shape} images, "

@@ -45,7 +45,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import types
 
 import torch
@@ -53,6 +52,7 @@ import torch
 from addrmem import parallel
 from addrmem.config import DistillConfig, default_config, device_name
 from addrmem.distill import OuterLoop, build_memory
+from common import Stopwatch, fmt_bytes
 
 SHAPES = {"digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "fashionmnist": ((1, 28, 28), 10),
           "svhn": ((3, 32, 32), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
@@ -80,30 +80,14 @@ def worker(args) -> None:
     per_class = 2 * config.real_per_class
     loop = OuterLoop(memory, config, torch.randn(classes * per_class, *shape, generator=draws),
                      torch.arange(classes).repeat_interleave(per_class), classes)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    update = []
-
-    class Timer:
-        def __init__(self, name):
-            self.name = name
-
-        def __enter__(self):
-            if self.name == "update":
-                sync()
-                self.start = time.perf_counter()
-
-        def __exit__(self, *exc):
-            if self.name == "update":
-                sync()
-                update.append(time.perf_counter() - self.start)
-
-    seconds = []
+    seconds, update = [], []
     for it in range(args.iterations + 1):
-        sync()
-        start = time.perf_counter()
-        loop.step(it, phase=Timer)
-        sync()
-        seconds.append(time.perf_counter() - start)
+        watch = Stopwatch(device)
+        with watch("iteration"):
+            loop.step(it, phase=watch)
+        spans = watch.seconds()
+        seconds.append(spans["iteration"])
+        update.append(spans["update"])
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     peaks = parallel.gather([peak], n)  # one per process
@@ -127,21 +111,16 @@ def run(args, processes: int) -> dict:
         forwarded = ["--device", args.device, "--meta-batch", str(args.meta_batch), "--iterations",
                      str(args.iterations), "--threads", str(args.threads)]
         forwarded += (["--config", args.config] if args.config else []) + (["--weak"] if args.weak else [])
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        # PYTHONFAULTHANDLER: a worker that aborts (a rare SIGABRT under load, issue 19) prints every thread's
+        # Python stack, which says whether it died in a collective or in teardown
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONFAULTHANDLER": "1"}
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                f"--nproc-per-node={processes}", os.path.abspath(__file__), *forwarded,
                                "--worker", out], env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            raise SystemExit(f"scaling: {processes} processes failed:\n{done.stderr[-2000:]}")
+            raise SystemExit(f"scaling: {processes} processes failed:\n{done.stderr[-8000:]}")
         with open(out) as f:
             return json.load(f)
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 def parse_args(argv):

@@ -45,10 +45,12 @@ def collectives(out):
 
 
 def recording_step(config, digits):
-    """One outer_step of ``config``: (each of this rank's trajectories'
-    hypergradient, the combined gradient the optimizer stepped with)."""
-    memory = distill_module.build_memory(config, digits)
-    optimizer = distill_module.make_outer_optimizer(memory, config)
+    """One outer step of ``config`` (OuterLoop.step): (each of this rank's
+    trajectories' hypergradient, the combined gradient the optimizer stepped
+    with)."""
+    loop = distill_module.OuterLoop(distill_module.build_memory(config, digits), config, *digits.train,
+                                    digits.num_classes)
+    memory, optimizer = loop.memory, loop.optimizer
     stepped = {}
     original_step = optimizer.step
 
@@ -64,9 +66,7 @@ def recording_step(config, digits):
         own.append({name: g.clone() for name, g in grads.items()})
         return loss, grads
 
-    real = distill_module.RealPool(*digits.train, digits.num_classes, *config.device_dtype())
-    distill_module.outer_step(memory, optimizer, config, real, distill_module.outer_generators(config.seed),
-                              gradient=gradient)
+    loop.step(gradient=gradient)
     return own, stepped
 
 

@@ -1,20 +1,13 @@
 """Smoke test of benchmarks/kernel_speed.py: a --quick CPU run writes JSON
 with a timed row per method and a passing output check."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_speed.py"
+from benchmark_scripts import load
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("kernel_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load("kernel_speed")
 
 
 def test_quick_cpu_run_writes_json(tmp_path, capsys):

@@ -2,27 +2,19 @@
 chosen by val RA on the choosing seeds, reported on other seeds, resumed;
 overlapping seeds and bad settings are refused."""
 
-import importlib.util
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from benchmark_scripts import load
 
 from continual_helpers import TINY
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "continual_select.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("continual_select", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["continual_select"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load("continual_select")
 
 
 def test_chooses_on_val_and_reports_other_seeds(script, tmp_path, capsys):

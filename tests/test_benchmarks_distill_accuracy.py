@@ -1,26 +1,18 @@
 """benchmarks/distill_accuracy.py on a tiny digits config: results rows,
 learning curves (JSON, PNG), the Markdown table, resume, bad input."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import tiny_run
 import yaml
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "distill_accuracy.py"
+from benchmark_scripts import load
 TINY = dict(tiny_run.TINY, dataset="digits", eval_nets=2)
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("distill_accuracy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["distill_accuracy"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load("distill_accuracy")
 
 
 def test_rows_curves_and_table(script, tmp_path, capsys):

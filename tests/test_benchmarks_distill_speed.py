@@ -9,24 +9,16 @@ hypergradient by about 1e-4 (see the script's docstring), so a 1e-4 check
 there would test luck, not the implementations.
 """
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "distill_speed.py"
+from benchmark_scripts import load
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("distill_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["distill_speed"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load("distill_speed")
 
 
 def run_quick(tmp_path, *argv, device="cpu"):
@@ -74,8 +66,8 @@ def test_float64_agree_on_rgb_images_without_downsampling_too():
     for downsample, n_bases in ((2, 4), (1, 2)):
         setting = script.QUICK.__class__("rgb", (3, 8, 8), 4, 1, n_bases, downsample, "convnet", 2, 2, 4, 20, False)
         job = script.Job(setting, torch.device("cpu"), torch.float64, 1)
-        runners = {"addrmem": script.Runner("addrmem", job.memory, job),
-                   "official": script.Runner("official", script.OfficialStyle(job.memory), job)}
+        runners = script.make_runners(job)
+        assert runners["official"].loop.real.images.data_ptr() == job.real_images.data_ptr()  # one pool
         first, _, _ = script.warm_up(runners)
         diff = script.compare(first["addrmem"][1], script.agreement_view(first["official"][1], job.memory))
         for name in ("bases", "addresses"):

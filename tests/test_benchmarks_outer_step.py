@@ -2,22 +2,14 @@
 and writes JSON whose parts (from the wall clock and from the profiler ranges,
 including addrmem.hypergradient's own) are positive and add up."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "outer_step.py"
+from benchmark_scripts import load
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("outer_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["outer_step"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load("outer_step")
 
 
 def test_quick_cpu_run(tmp_path, capsys):

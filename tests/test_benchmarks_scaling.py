@@ -1,24 +1,12 @@
 """Smoke tests of benchmarks/scaling.py (1 and 2 gloo processes) and
 benchmarks/meta_batch.py on the tiny digits job."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from benchmark_scripts import load as load_script
 from tiny_run import tiny
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

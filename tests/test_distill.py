@@ -8,23 +8,21 @@ import pytest
 import torch
 
 import addrmem.distill as distill_module
-from addrmem.distill import (RealPool, STREAMS, build_memory, distill, make_outer_optimizer, outer_generators,
-                             outer_step)
+from addrmem.distill import STREAMS, OuterLoop, RealPool, build_memory, distill
 from addrmem.memory import AddressableMemory, ImageMemory, load_memory
 from addrmem.runs import read_log
 from tiny_run import digits, records, tiny  # noqa: F401  (digits is a fixture)
 
 
-def step_inputs(config, dataset, seed=0):
-    memory = build_memory(config, dataset)
-    real = RealPool(*dataset.train, dataset.num_classes, torch.device("cpu"), torch.float32)
-    return memory, make_outer_optimizer(memory, config), real, outer_generators(seed)
+def outer_loop(config, dataset, seed=0):
+    return OuterLoop(build_memory(config, dataset), config, *dataset.train, dataset.num_classes, seed=seed)
 
 
 def test_outer_step_draws_from_its_streams_and_updates_the_memory(digits):
     config = tiny(task_classes=4, augment="flip_rotate")
-    memory, optimizer, real, gens = step_inputs(config, digits)
-    assert set(gens) == set(STREAMS)
+    loop = outer_loop(config, digits)
+    memory = loop.memory
+    assert set(loop.generators) == set(STREAMS)
     before = {n: p.detach().clone() for n, p in memory.named_parameters()}
     seen, phases = {}, []
 
@@ -36,7 +34,7 @@ def test_outer_step_draws_from_its_streams_and_updates_the_memory(digits):
         phases.append(name)
         return contextlib.nullcontext()
 
-    loss, grad_norm = outer_step(memory, optimizer, config, real, gens, gradient=spy, phase=phase)
+    loss, grad_norm = loop.step(gradient=spy, phase=phase)
     assert phases == ["network", "sample", "hypergradient", "update"]
     assert loss > 0 and grad_norm > 0
     classes = seen["real_labels"].unique()
@@ -50,10 +48,17 @@ def test_outer_step_draws_from_its_streams_and_updates_the_memory(digits):
     assert all(not torch.equal(p, before[n]) for n, p in memory.named_parameters())
 
     # The same streams give the same step; another seed another.
-    memory2, optimizer2, real2, gens2 = step_inputs(config, digits)
-    assert outer_step(memory2, optimizer2, config, real2, gens2) == (loss, grad_norm)
-    memory3, optimizer3, real3, gens3 = step_inputs(config, digits, seed=1)
-    assert outer_step(memory3, optimizer3, config, real3, gens3)[0] != loss
+    assert outer_loop(config, digits).step() == (loss, grad_norm)
+    assert outer_loop(config, digits, seed=1).step()[0] != loss
+
+
+def test_outer_loop_keeps_its_real_pool_beside_the_memory(digits):
+    """The pool takes the memory's device and dtype; tensors already there are used, not copied."""
+    config = tiny(dtype="float64")
+    images = digits.train[0].double()
+    loop = OuterLoop(build_memory(config, digits), config, images, digits.train[1], digits.num_classes)
+    assert loop.real.images.dtype == torch.float64 and loop.real.images.data_ptr() == images.data_ptr()
+    assert outer_loop(tiny(), digits).real.images.dtype == torch.float32
 
 
 def test_real_pool_samples_distinct_images_per_class(digits):

@@ -306,19 +306,12 @@ def test_saved_bytes_counts_each_storage_once():
     assert hg._free_bytes(torch.device("cpu")) > 0
 
 
-@pytest.mark.parametrize("k", [0, 1.5, True])
-def test_snapshot_every_must_be_a_positive_int(k):
+@pytest.mark.parametrize("option", [{"snapshot_every": 0}, {"snapshot_every": 1.5}, {"snapshot_every": True},
+                                    {"graph_budget": -1}, {"graph_budget": 1.5}, {"graph_budget": True}])
+def test_snapshot_every_and_graph_budget_are_checked(option):
+    """snapshot_every must be a positive int; graph_budget None or a byte count."""
     memory = AddressableMemory(2, (1, 4, 4), n_bases=2, per_class=2)
     net = MLP((1, 4, 4), 2, hidden=4, depth=1)
-    with pytest.raises(ValueError, match="snapshot_every"):
+    with pytest.raises(ValueError, match=next(iter(option))):
         hypergradient(memory, net, [torch.tensor([0, 2])], torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]), lr=0.1,
-                      momentum=0.9, snapshot_every=k)
-
-
-@pytest.mark.parametrize("budget", [-1, 1.5, True])
-def test_graph_budget_must_be_none_or_bytes(budget):
-    memory = AddressableMemory(2, (1, 4, 4), n_bases=2, per_class=2)
-    net = MLP((1, 4, 4), 2, hidden=4, depth=1)
-    with pytest.raises(ValueError, match="graph_budget"):
-        hypergradient(memory, net, [torch.tensor([0, 2])], torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]), lr=0.1,
-                      momentum=0.9, graph_budget=budget)
+                      momentum=0.9, **option)

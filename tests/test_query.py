@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from addrmem.cli import main
-from addrmem.evaluation import evaluate
+from addrmem.evaluation import EvalSettings, evaluate
 from addrmem.memory import AddressableMemory, ImageMemory
 from addrmem.query import (BUILTIN_MAPS, label_map, load_map, memory_training_sets, relabel_dataset,
                            soft_queries)
@@ -112,7 +112,7 @@ def test_soft_queries_mix_two_kept_classes():
 
 def test_evaluate_trains_on_soft_labels(digits):  # noqa: F811
     """evaluate's cross-entropy takes (N, classes) probabilities: one-hot ones train as the int labels."""
-    config = tiny(eval_epochs=3)
+    config = EvalSettings.of(tiny(eval_epochs=3))
     images, labels = digits.train[0][:50], digits.train[1][:50]
     hard = evaluate(images, labels, digits, config, 1, split="test", progress=False)
     soft = evaluate(images, torch.nn.functional.one_hot(labels, 10).float(), digits, config, 1, split="test",

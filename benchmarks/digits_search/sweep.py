@@ -94,8 +94,8 @@ def span_table(dataset, seed=0):
     print("|---|---|---|")
     for k in (3, 4, 5, 6, 7, 8, 10, 12, 15, 20, flat.shape[1]):
         projected = ((flat @ vt[:k].T) @ vt[:k]).view_as(images)
-        acc = addrmem.evaluate(projected, labels, dataset, config, config.eval_nets, split="test",
-                               seed=derive_seed(seed, "test"), progress=False)
+        acc = addrmem.evaluate(projected, labels, dataset, addrmem.EvalSettings.of(config), config.eval_nets,
+                               split="test", seed=derive_seed(seed, "test"), progress=False)
         energy = float((s[:k] ** 2).sum() / (s ** 2).sum())
         print(f"| {k} | {energy:.3f} | {acc.mean:.2f} ± {acc.std:.2f} |", flush=True)
 
