@@ -117,3 +117,21 @@ def test_a_budget_too_small_is_named():
         make_method("addressable", config, make_stream(config)).check()
     with pytest.raises(ValueError, match="holds no image"):
         make_method("replay", ContinualConfig(budget_bytes=100), make_stream(config)).check()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_memories_hold_twice_the_rows_in_the_same_bytes(dtype):
+    config = ContinualConfig(**TINY)
+    half = ContinualConfig(**TINY, memory_dtype=dtype)
+    stream = make_stream(config)
+    full, small = make_method("addressable", config, stream), make_method("addressable", half, stream)
+    for method in (full, small):
+        method.remember(0, *stream.train(0))
+    shared, row = full.shared_floats, full.row_floats
+    assert small.memories[0][2].per_class == (config.budget(stream.image_shape) // 2 - shared) // (2 * row)
+    assert small.memories[0][2].per_class > 2 * full.memories[0][2].per_class - 1
+    assert small.num_bytes() == 2 * small.num_floats() <= small.budget
+    for p in small.memories[0][2].parameters():  # what is recalled is what is stored
+        assert torch.equal(p, p.to(getattr(torch, dtype)).float())
+    with pytest.raises(ValueError, match="memory_dtype must be one of"):
+        ContinualConfig(memory_dtype="int4")

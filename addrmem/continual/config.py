@@ -13,7 +13,7 @@ import yaml
 from ..config import DistillConfig, check_field_types, check_known_fields, read_yaml_mapping
 from ..files import atomic_write_text
 from ..networks import parse_network
-from .methods import METHODS
+from .methods import MEMORY_DTYPES, METHODS
 
 __all__ = ["BENCHMARKS", "DISTILL_DEFAULTS", "PROTOCOLS", "ContinualConfig"]
 
@@ -54,7 +54,9 @@ class ContinualConfig:
     dataset's folder; None for split-digits), ``tasks``, ``train_per_task``,
     ``test_per_task`` and ``budget_images`` (0 takes the benchmark's value).
     Storage: every method stores at most ``budget_bytes`` bytes (0: the bytes
-    of ``budget_images`` float32 images). ``methods``: names of
+    of ``budget_images`` float32 images); the distilled and compressed
+    memories store their values in ``memory_dtype`` (float32, float16 or
+    bfloat16). ``methods``: names of
     :data:`~addrmem.continual.methods.METHODS`.
     Learner: ``network`` ("" = the benchmark's; "mlp" is Linear-ReLU layers of
     ``hidden`` units, two hidden layers; any other network spec of
@@ -88,6 +90,7 @@ class ContinualConfig:
     test_per_task: int = 0
     budget_images: int = 0
     budget_bytes: int = 0
+    memory_dtype: str = "float32"
     methods: list = dataclasses.field(default_factory=lambda: list(METHODS))
     network: str = ""
     hidden: int = 100
@@ -113,7 +116,8 @@ class ContinualConfig:
         check_field_types(self, "continual config")
         if self.benchmark not in BENCHMARKS:
             raise ValueError(f"unknown benchmark {self.benchmark!r}; known: {', '.join(BENCHMARKS)}")
-        for name, allowed in (("protocol", PROTOCOLS), ("bases", ("task", "shared")), ("init", ("real", "xavier"))):
+        for name, allowed in (("protocol", PROTOCOLS), ("bases", ("task", "shared")), ("init", ("real", "xavier")),
+                              ("memory_dtype", tuple(MEMORY_DTYPES))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"continual config field {name} must be one of {', '.join(allowed)}; "
                                  f"got {getattr(self, name)!r}")

@@ -3,8 +3,8 @@
 :data:`METHODS` (docs/continual.md, "Methods").
 
 Every method has the same storage budget in bytes. Float32 values count 4
-bytes, uint8 pixels 1; labels are not counted (docs/method.md, "The storage
-budget").
+bytes, float16 and bfloat16 values 2, uint8 pixels 1; labels are not counted
+(docs/method.md, "The storage budget").
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from ..seeding import derive_seed, generator
 
 __all__ = ["METHODS", "Compressed", "Distilled", "Finetune", "Joint", "Method", "Replay", "make_method"]
 
-FLOAT_BYTES = 4  # the memories are stored in float32
+FLOAT_BYTES = 4  # replay and joint keep float32 images
+
+MEMORY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""How a distilled memory may be stored (``ContinualConfig.memory_dtype``)."""
 
 
 class Method:
@@ -169,7 +172,10 @@ class Distilled(Method):
     shared, or :class:`~addrmem.memory.ImageMemory`), started from the
     task's real images or at random (``init``) and distilled by
     :class:`~addrmem.distill.OuterLoop` for ``distill.iterations`` outer
-    iterations.
+    iterations. Its values are stored in ``config.memory_dtype``: float32,
+    or float16 / bfloat16 (half the bytes a value, so twice the rows;
+    distillation runs in float32 and the result is rounded to the storage
+    dtype, which is then exactly what the learner recalls).
 
     The budget is divided equally among the tasks seen: after task t each
     of the t+1 memories gets budget / (t+1) (for shared bases, of the budget
@@ -189,6 +195,8 @@ class Distilled(Method):
                       if memory_class is AddressableMemory else {})
         self.shared_floats, self.row_floats = memory_class.storage(stream.image_shape, **self.shape)
         self.shared = self.shared_floats > 0 and config.bases == "shared"
+        self.storage_dtype = MEMORY_DTYPES[config.memory_dtype]
+        self.value_bytes = self.storage_dtype.itemsize
         self.memories = []  # (task, classes, memory) of the tasks kept
         self.shared_state = None  # the frozen shared part (bases), learnt on the first task
         self.cache = None
@@ -196,7 +204,7 @@ class Distilled(Method):
     def per_class(self, num_classes: int, seen: int) -> int:
         """Rows per class of a task with ``num_classes`` classes when ``seen``
         tasks share the budget (see the class docstring)."""
-        floats = self.budget // FLOAT_BYTES
+        floats = self.budget // self.value_bytes
         if self.shared:  # stored once: the tasks share what is left
             floats = self.shared_floats + (floats - self.shared_floats) // seen
         else:
@@ -206,7 +214,7 @@ class Distilled(Method):
     def check(self) -> None:
         """Raise ValueError if one task's memory with one row per class exceeds the whole budget."""
         most = max(len(self.stream.classes(t)) for t in range(len(self.stream)))
-        need = FLOAT_BYTES * (self.shared_floats + most * self.row_floats)
+        need = self.value_bytes * (self.shared_floats + most * self.row_floats)
         if need > self.budget:
             raise ValueError(f"the budget of {self.budget} bytes is too small for the {self.name} memory: its "
                              f"shared part ({self.shared_floats} floats) and one row per class of a task "
@@ -237,6 +245,9 @@ class Distilled(Method):
             for it in tqdm(range(self.iterations), desc=f"distill {self.name} task {t}", leave=False,
                            disable=None if self.progress else True):
                 loop.step(it)
+        with torch.no_grad():  # stored in the storage dtype: recall exactly what is stored
+            for p in memory.parameters():
+                p.copy_(p.to(self.storage_dtype))
         if self.shared and self.shared_state is None:
             self.shared_state = memory.bases.detach().clone()
         self.memories.append((t, classes, memory))
@@ -261,7 +272,7 @@ class Distilled(Method):
         return floats
 
     def num_bytes(self):
-        return FLOAT_BYTES * self.num_floats()
+        return self.value_bytes * self.num_floats()
 
     def state_dict(self):
         return {"memories": [{"task": t, "classes": c, "per_class": m.per_class,
