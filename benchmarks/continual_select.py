@@ -97,6 +97,8 @@ def parse_args(argv):
                    help="a field (distill.NAME for a distillation field) and the values to try; repeatable")
     p.add_argument("--choose-seeds", type=int, nargs="+", default=[10, 11], metavar="S")
     p.add_argument("--report-seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S")
+    p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                   help="the methods reported (default: the config's)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the config's)")
     p.add_argument("--out", required=True, metavar="DIR")
     args = p.parse_args(argv)
@@ -110,6 +112,8 @@ def main(argv=None) -> int:
     command = "python benchmarks/continual_select.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         base = ContinualConfig.from_yaml(args.config).to_dict()
+        if args.methods:
+            ContinualConfig.from_dict({**base, "methods": args.methods})
         for setting in settings(args.grid):
             ContinualConfig.from_dict(with_setting(base, setting))  # every setting checked before the first run
     except (OSError, ValueError, TypeError) as exc:
@@ -119,6 +123,8 @@ def main(argv=None) -> int:
         base["data_root"] = args.data_root
     if args.threads:
         base["threads"] = args.threads
+    if args.methods:
+        base["methods"] = args.methods
     torch.set_num_threads(base["threads"] or torch.get_num_threads())
     out = Path(args.out)
     chosen_by, start = {}, {}  # setting -> val RA per choosing seed, distilled and at its undistilled start
