@@ -9,21 +9,23 @@
 //
 // The CPU kernels work on blocks of rows fixed by the shape alone (never by
 // the thread count):
-//   forward:  low = A_rows @ B (a small GEMM) into a block buffer that stays
-//             in cache, then the separable upsampling: every low-resolution
+//   forward:  low = A_rows @ B (a BLAS GEMM) into a block buffer that stays
+//             in cache (at scale 1 in float/double, straight into the
+//             output), then the separable upsampling: every low-resolution
 //             line is widened once, then every output row blends two widened
 //             rows;
 //   backward: the adjoint of those two steps folds the output gradient into
-//             a block buffer G_low, then grad_rows = G_low @ B^T (from 2 to
-//             15 bases with B^T padded to 8 or 16 columns) and this
-//             block's share of grad_B = A_rows^T @ G_low (two small GEMMs);
-//             grad_B is summed over at most 8 fixed chunks of blocks, in
-//             chunk order.
-// Every sum runs in an order fixed by the shapes, so results are bit-identical
-// whatever the number of threads. The loops are unit-stride, with the taps and
-// weights of each axis computed once per call, so the compiler vectorises
-// them; float16 and bfloat16 are converted to float on the way in and
-// accumulate in float.
+//             a block buffer G_low (at scale 1 in float/double, the output
+//             gradient itself), then grad_rows = G_low @ B^T and this block's
+//             share of grad_B = A_rows^T @ G_low: in one pass over G_low with
+//             up to 16 bases on rows of 256 values or more (fused_backward),
+//             otherwise as two BLAS GEMMs; grad_B is summed over at most 8
+//             fixed chunks of blocks, in chunk order.
+// Every BLAS call runs on one thread (parallel_blocks) and every sum in an
+// order fixed by the shapes, so results are bit-identical whatever the number
+// of threads. The loops are unit-stride, with the taps and weights of each
+// axis computed once per call, so the compiler vectorises them; float16 and
+// bfloat16 are converted to float on the way in and accumulate in float.
 #include <Python.h>
 
 #include <ATen/Dispatch.h>
@@ -50,9 +52,11 @@ namespace {
 // long, vectorised loop.
 template <typename acc_t>
 struct Axis {
-  int64_t in, out, s, reps;
+  int64_t in = 0, out = 0, s = 1, reps = 0;
   std::vector<int64_t> i0, i1;
   std::vector<acc_t> l0, l1, low;
+
+  Axis() = default;
 
   Axis(int64_t out_size, int64_t in_size, int64_t scale)
       : in(in_size), out(out_size), s(scale), reps(std::max<int64_t>(1, 512 / out_size)), i0(out_size),
@@ -229,17 +233,41 @@ void with_factor(int64_t s, F&& f) {
 // Rows per block. A block buffer (of low-resolution images or gradients)
 // stays within about 256 KB, in cache for the GEMMs that read it. The forward
 // without one (scale 1 in float or double: the GEMM writes the output itself)
-// cuts the rows into at most 8 blocks instead.
+// cuts the rows into at most 8 blocks of at least 512 rows instead (each BLAS
+// call costs a few microseconds, which the digits job's small GEMMs feel).
 inline int64_t block_rows(const Geometry& g, bool large) {
-  if (large) return std::max<int64_t>(64, (g.N + 7) / 8);
+  if (large) return std::max<int64_t>(512, (g.N + 7) / 8);
   return std::clamp<int64_t>(65536 / g.D, 8, 256);
 }
 
-// The op's small GEMMs (one of the two inner sizes is K, the number of bases),
-// written here rather than taken from the BLAS, whose results can change with
-// the thread count. Each output element is summed in one fixed order, in
-// register tiles whose columns the compiler vectorises.
-constexpr int64_t kTileRows = 4, kTileCols = 64;
+// The op's GEMMs, on blocks of rows, go to the BLAS through ATen (at::mm_out,
+// addmm_). Each call must run on one thread: the BLAS may split a GEMM's sums
+// over its threads, so that they would change with the thread count. Inside
+// a parallel region it does run on one thread, and parallel_blocks makes sure
+// every call is made there or with a single thread.
+
+// A (rows, cols) matrix over `data`, with rows `ld` apart (no copy).
+template <typename T>
+at::Tensor matrix(const T* data, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// at::parallel_for over tasks [0, tasks), with f(begin, end) called on
+// consecutive ranges. With more than one thread it always opens a parallel
+// region, even for one task, which at::parallel_for would run inline, where
+// the BLAS could thread over that task's GEMMs.
+template <typename F>
+void parallel_blocks(int64_t tasks, const F& f) {
+  at::parallel_for(0, std::max<int64_t>(tasks, 2), 1, [&](int64_t begin, int64_t end) {
+    if (begin < tasks) f(begin, std::min(end, tasks));
+  });
+}
+
+// With more than 16 bases the forward and grad_rows = G_low @ B^T run in
+// addrmem's own register tiles (gemm_rows_bases), faster than the BLAS there
+// (issue 18, on Zen 4); each output element is summed over k in order.
+inline bool own_tiles(const Geometry& g) { return g.K > 16; }
 
 // Columns [d0, d0 + COLS) of rows a[0..ROWS) of gemm_rows_bases, with the
 // accumulators in registers; rows q >= nr repeat a valid row and are not stored.
@@ -279,34 +307,90 @@ ADDRMEM_MULTIVERSION void gemm_rows_bases(const acc_t* __restrict__ rows, const 
   }
 }
 
-// P (K, D) = (first ? 0 : P) + rows (n, K)^T @ G (n, D); each element summed
-// over the rows in order.
-template <typename acc_t>
-ADDRMEM_MULTIVERSION void gemm_rows_t_grad(const acc_t* __restrict__ rows, const acc_t* __restrict__ G,
-                                           acc_t* __restrict__ P, int64_t n, int64_t K, int64_t D, bool first) {
-  for (int64_t k0 = 0; k0 < K; k0 += kTileRows) {
-    const int64_t kb = std::min(kTileRows, K - k0);
-    for (int64_t d0 = 0; d0 < D; d0 += kTileCols) {
-      const int64_t dc = std::min(kTileCols, D - d0);
-      acc_t acc[kTileRows][kTileCols] = {};
-      if (!first)
-        for (int64_t q = 0; q < kb; ++q)
-          for (int64_t d = 0; d < dc; ++d) acc[q][d] = P[(k0 + q) * D + d0 + d];
-      if (kb == kTileRows && dc == kTileCols) {
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t q = 0; q < kTileRows; ++q) {
-            const acc_t a = rows[i * K + k0 + q];
-            for (int64_t d = 0; d < kTileCols; ++d) acc[q][d] += a * G[i * D + d0 + d];
-          }
-      } else {
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t q = 0; q < kb; ++q) {
-            const acc_t a = rows[i * K + k0 + q];
-            for (int64_t d = 0; d < dc; ++d) acc[q][d] += a * G[i * D + d0 + d];
-          }
+// Whether the backward forms both gradients in one pass over G_low
+// (fused_backward): with few bases both GEMMs are bound by reading G_low,
+// which the BLAS would read twice, and the BLAS handles their few output
+// columns poorly (issue 18). With more bases they are bound by arithmetic,
+// where the BLAS is faster, and with short rows (D < 256) the fused kernel's
+// per-row sums over vector lanes cost more than they save.
+inline bool fuse_backward(const Geometry& g) { return g.K <= 16 && g.D >= 256; }
+
+// Rows g[0..ROWS) of fused_backward, for bases [k0, k0 + KT): each row's
+// gradients summed in the lanes of one 64-byte vector over d (the lanes in
+// order at the end), and P[k] += a[0][k] * g[0] + a[1][k] * g[1] + ..., in
+// row order. GCC's and Clang's vector extensions, so that the accumulators
+// stay in registers.
+template <int ROWS, int KT, typename acc_t>
+ADDRMEM_INLINE void fused_tile(const acc_t* const* g, const acc_t* const* a, const acc_t* __restrict__ B,
+                               acc_t* __restrict__ P, acc_t* const* gr, int64_t k0, int64_t D) {
+  typedef acc_t vec __attribute__((vector_size(64), aligned(sizeof(acc_t))));  // any alignment
+  constexpr int64_t V = 64 / sizeof(acc_t);
+  acc_t x[ROWS][KT];
+  for (int q = 0; q < ROWS; ++q)
+    for (int k = 0; k < KT; ++k) x[q][k] = a[q][k0 + k];
+  const acc_t* __restrict__ Bk = B + k0 * D;
+  acc_t* __restrict__ Pk = P + k0 * D;
+  vec acc[ROWS][KT] = {};
+  int64_t d0 = 0;
+  for (; d0 + V <= D; d0 += V) {
+    vec gv[ROWS];
+    for (int q = 0; q < ROWS; ++q) gv[q] = *reinterpret_cast<const vec*>(g[q] + d0);
+    for (int k = 0; k < KT; ++k) {
+      const vec b = *reinterpret_cast<const vec*>(Bk + k * D + d0);
+      vec* p = reinterpret_cast<vec*>(Pk + k * D + d0);
+      vec v = *p;
+      for (int q = 0; q < ROWS; ++q) {
+        acc[q][k] += gv[q] * b;
+        v += x[q][k] * gv[q];
       }
-      for (int64_t q = 0; q < kb; ++q)
-        for (int64_t d = 0; d < dc; ++d) P[(k0 + q) * D + d0 + d] = acc[q][d];
+      *p = v;
+    }
+  }
+  for (int q = 0; q < ROWS; ++q)
+    for (int k = 0; k < KT; ++k) {
+      acc_t v = 0;
+      for (int64_t j = 0; j < V; ++j) v += acc[q][k][j];
+      for (int64_t d = d0; d < D; ++d) {
+        v += g[q][d] * Bk[k * D + d];
+        Pk[k * D + d] += x[q][k] * g[q][d];
+      }
+      gr[q][k0 + k] = v;
+    }
+}
+
+// Rows g[0..ROWS) of fused_backward, over all bases in tiles of 4 (so that
+// the accumulators fit in registers); each row of G is read from L1 once
+// per tile.
+template <int ROWS, typename acc_t>
+ADDRMEM_INLINE void fused_rows(const acc_t* const* g, const acc_t* const* a, const acc_t* B, acc_t* P,
+                               acc_t* const* gr, int64_t K, int64_t D) {
+  for (int64_t k0 = 0; k0 < K; k0 += 4) {
+    switch (std::min<int64_t>(4, K - k0)) {
+      case 1: fused_tile<ROWS, 1>(g, a, B, P, gr, k0, D); break;
+      case 2: fused_tile<ROWS, 2>(g, a, B, P, gr, k0, D); break;
+      case 3: fused_tile<ROWS, 3>(g, a, B, P, gr, k0, D); break;
+      default: fused_tile<ROWS, 4>(g, a, B, P, gr, k0, D);
+    }
+  }
+}
+
+// grad_rows (n, K) = G (n, D) @ B^T and P (K, D) += rows (n, K)^T @ G in one
+// pass over G, 4 rows at a time (B and P pass through L1 once per 4 rows).
+template <typename acc_t>
+ADDRMEM_MULTIVERSION void fused_backward(const acc_t* G, const acc_t* rows, const acc_t* B, acc_t* P, acc_t* gr,
+                                         int64_t n, int64_t K, int64_t D) {
+  for (int64_t i = 0; i < n; i += 4) {
+    const acc_t *g[4], *a[4];
+    acc_t* o[4];
+    for (int64_t q = 0; q < 4; ++q) {
+      const int64_t row = i + std::min<int64_t>(q, n - 1 - i);
+      g[q] = G + row * D, a[q] = rows + row * K, o[q] = gr + row * K;
+    }
+    switch (std::min<int64_t>(4, n - i)) {
+      case 1: fused_rows<1>(g, a, B, P, o, K, D); break;
+      case 2: fused_rows<2>(g, a, B, P, o, K, D); break;
+      case 3: fused_rows<3>(g, a, B, P, o, K, D); break;
+      default: fused_rows<4>(g, a, B, P, o, K, D);
     }
   }
 }
@@ -326,6 +410,13 @@ at::Tensor bases_in_acc(const at::Tensor& B, const Geometry& g) {
   return B.reshape({g.K, g.D}).to(acc).contiguous();
 }
 
+// The two axes of the upsampling (rows, columns); unused, and left empty, at scale 1.
+template <typename acc_t>
+std::pair<Axis<acc_t>, Axis<acc_t>> axes(const Geometry& g) {
+  if (g.s == 1) return {Axis<acc_t>(), Axis<acc_t>()};
+  return {Axis<acc_t>(g.H, g.h, g.s), Axis<acc_t>(g.W, g.w, g.s)};
+}
+
 // The index, checked in range: an IndexError, as for PyTorch's own indexing.
 at::Tensor checked_index(const c10::optional<at::Tensor>& index, const Geometry& g) {
   if (!index.has_value()) return at::Tensor();
@@ -341,6 +432,7 @@ at::Tensor synthesize_cpu(const at::Tensor& addresses, const at::Tensor& bases,
                           const c10::optional<at::Tensor>& index, int64_t scale) {
   const Geometry g = make_geometry(addresses, bases, index, scale);
   const at::RecordFunctionGuard one_op(false);  // profiles show the op, not the ATen calls inside it
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the GEMMs go straight to their CPU kernels
   const at::Tensor A = addresses.contiguous();
   const at::Tensor idx = checked_index(index, g);
   at::Tensor out = at::empty({g.N, g.C, g.H, g.W}, A.options());
@@ -351,23 +443,33 @@ at::Tensor synthesize_cpu(const at::Tensor& addresses, const at::Tensor& bases,
     using acc_t = at::opmath_type<scalar_t>;
     constexpr bool same = std::is_same_v<acc_t, scalar_t>;
     const scalar_t* a = A.const_data_ptr<scalar_t>();
-    const acc_t* b = Bacc.const_data_ptr<acc_t>();
     const int64_t* ix = idx.defined() ? idx.const_data_ptr<int64_t>() : nullptr;
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    // At scale 1 in float/double the GEMM writes the output itself.
-    const bool direct = same && g.s == 1;
+    // At scale 1 in float/double the GEMM writes the output itself, and
+    // without an index it reads the addresses in place.
+    const bool direct = same && g.s == 1, in_place = same && !ix;
     const int64_t nb_max = block_rows(g, direct), blocks = (g.N + nb_max - 1) / nb_max;
-    const Axis<acc_t> ay(g.H, g.h, g.s), ax(g.W, g.w, g.s);
+    const auto [ay, ax] = axes<acc_t>(g);
 
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> rows(nb_max * g.K), low, wide;
-      if (!direct) low.resize(nb_max * g.D);
-      if (g.s > 1) wide.resize(nb_max * g.C * g.h * g.W);
+    parallel_blocks(blocks, [&](int64_t begin, int64_t end) {
+      const auto acc = A.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+      const at::Tensor rows = in_place ? at::Tensor() : at::empty({nb_max, g.K}, acc);
+      const at::Tensor low = direct ? at::Tensor() : at::empty({nb_max, g.D}, acc);
+      std::vector<acc_t> wide(g.s > 1 ? nb_max * g.C * g.h * g.W : 0);
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t n0 = blk * nb_max, nb = std::min(nb_max, g.N - n0);
-        gather_rows(a, ix, g, n0, nb, rows.data());
-        acc_t* lo = direct ? reinterpret_cast<acc_t*>(o + n0 * g.D) : low.data();
-        gemm_rows_bases(rows.data(), b, lo, nb, g.K, g.D);
+        const acc_t* r = reinterpret_cast<const acc_t*>(a + n0 * g.K);
+        if (!in_place) {
+          gather_rows(a, ix, g, n0, nb, rows.mutable_data_ptr<acc_t>());
+          r = rows.const_data_ptr<acc_t>();
+        }
+        acc_t* lo = direct ? reinterpret_cast<acc_t*>(o + n0 * g.D) : low.mutable_data_ptr<acc_t>();
+        if (own_tiles(g)) {
+          gemm_rows_bases(r, Bacc.const_data_ptr<acc_t>(), lo, nb, g.K, g.D);
+        } else {
+          at::Tensor lo_m = matrix(lo, nb, g.D, g.D);
+          at::mm_out(lo_m, matrix(r, nb, g.K, g.K), Bacc);
+        }
         scalar_t* ob = o + n0 * g.C * g.H * g.W;
         if (direct) continue;
         if (g.s == 1) {
@@ -390,67 +492,85 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
   const Geometry g = make_geometry(addresses, bases, index, scale);
   check_grad(grad_out, addresses, g);
   const at::RecordFunctionGuard one_op(false);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const bool want_a = output_mask[0], want_b = output_mask[1];
   const at::Tensor G = grad_out.contiguous();
   const at::Tensor A = addresses.contiguous();
   const at::Tensor idx = checked_index(index, g);
   const auto acc_type = at::toOpMathType(A.scalar_type());
-  // B^T (D, Kp) for grad_rows = G_low @ B^T (N, Kp). From 2 to 15 bases its
-  // columns are padded with zeros to a multiple of 8, so that whole vector
-  // tiles cover them in one pass over G_low (single columns, one pass each,
-  // ran up to 4x slower: issue 18; narrower tiles vectorise worse).
-  const int64_t Kp = g.K > 1 && g.K < 16 ? (g.K + 7) / 8 * 8 : g.K;
-  at::Tensor Bt;
-  if (want_a) {
-    Bt = at::zeros({g.D, Kp}, A.options().dtype(acc_type));
-    Bt.narrow(1, 0, g.K).copy_(bases_in_acc(bases, g).t());
-  }
+  const bool same = acc_type == A.scalar_type();
   at::Tensor grad_addresses = A.new_empty({0});
   at::Tensor grad_bases = want_b ? at::empty({g.K, g.C, g.h, g.w}, A.options()) : A.new_empty({0});
   if (g.N == 0) {
     if (want_b) grad_bases.zero_();
     return {want_a ? at::zeros({g.R, g.K}, A.options()) : grad_addresses, grad_bases};
   }
+  const at::Tensor Bacc = want_a ? bases_in_acc(bases, g) : at::Tensor();
+  const at::Tensor Bt = want_a && own_tiles(g) ? Bacc.t().contiguous() : at::Tensor();  // (D, K) for the tiles
   // At scale 1 in float/double the output gradient is G_low itself.
-  const bool direct = g.s == 1 && acc_type == A.scalar_type();
+  const bool direct = g.s == 1 && same;
   const int64_t nb_max = block_rows(g, false), blocks = (g.N + nb_max - 1) / nb_max;
   // Blocks are taken in up to 8 chunks of consecutive blocks (fewer if their
   // grad_B partial sums would pass 2^24 values); grad_B is summed over chunks
   // in order.
   const int64_t chunks = std::min<int64_t>({blocks, 8, want_b ? std::max<int64_t>(1, (1 << 24) / (g.K * g.D)) : 8});
-  at::Tensor grad_rows = want_a ? at::empty({g.N, Kp}, A.options().dtype(acc_type)) : at::Tensor();
+  // Without an index, in float/double, grad_rows is grad_addresses itself.
+  at::Tensor grad_rows = want_a ? at::empty({g.N, g.K}, A.options().dtype(acc_type)) : at::Tensor();
   at::Tensor partial = want_b ? at::empty({chunks, g.K, g.D}, A.options().dtype(acc_type)) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "synthesize_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr bool same = std::is_same_v<acc_t, scalar_t>;
     const scalar_t* go = G.const_data_ptr<scalar_t>();
     const scalar_t* a = A.const_data_ptr<scalar_t>();
     const int64_t* ix = idx.defined() ? idx.const_data_ptr<int64_t>() : nullptr;
-    const Axis<acc_t> ay(g.H, g.h, g.s), ax(g.W, g.w, g.s);
-    const acc_t* bt = want_a ? Bt.const_data_ptr<acc_t>() : nullptr;
+    const bool in_place = same && !ix, fused = want_a && want_b && fuse_backward(g);
+    const auto [ay, ax] = axes<acc_t>(g);
     acc_t* part = want_b ? partial.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* gr = want_a ? grad_rows.mutable_data_ptr<acc_t>() : nullptr;
 
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> rows(nb_max * g.K), low, folded;
-      if (!direct) low.resize(nb_max * g.D);
-      if (g.s > 1) folded.resize(nb_max * g.C * g.h * g.W);
+    parallel_blocks(chunks, [&](int64_t begin, int64_t end) {
+      const auto acc = A.options().dtype(acc_type);
+      const at::Tensor rows = want_b && !in_place ? at::empty({nb_max, g.K}, acc) : at::Tensor();
+      const at::Tensor low = direct ? at::Tensor() : at::empty({nb_max, g.D}, acc);
+      std::vector<acc_t> folded(g.s > 1 ? nb_max * g.C * g.h * g.W : 0);
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         const int64_t first = chunk * blocks / chunks, last = (chunk + 1) * blocks / chunks;
+        acc_t* part_c = want_b ? part + chunk * g.K * g.D : nullptr;
+        at::Tensor P = want_b && !fused ? matrix(part_c, g.K, g.D, g.D) : at::Tensor();
         for (int64_t blk = first; blk < last; ++blk) {
           const int64_t n0 = blk * nb_max, nb = std::min(nb_max, g.N - n0);
           const scalar_t* gblk = go + n0 * g.C * g.H * g.W;
-          acc_t* gl = direct ? const_cast<acc_t*>(reinterpret_cast<const acc_t*>(gblk)) : low.data();
-          if (!direct && g.s == 1) convert(gblk, gl, nb * g.D);
-          if (g.s > 1) {
-            unblend(ay, g.W, gblk, folded.data(), nb * g.C);
-            with_factor(g.s, [&]<int S>() { narrow<S>(ax, folded.data(), gl, nb * g.C * g.h); });
+          const acc_t* gl = reinterpret_cast<const acc_t*>(gblk);
+          if (!direct) {
+            acc_t* l = low.mutable_data_ptr<acc_t>();
+            if (g.s == 1) convert(gblk, l, nb * g.D);
+            else {
+              unblend(ay, g.W, gblk, folded.data(), nb * g.C);
+              with_factor(g.s, [&]<int S>() { narrow<S>(ax, folded.data(), l, nb * g.C * g.h); });
+            }
+            gl = l;
           }
-          if (want_a) gemm_rows_bases(gl, bt, gr + n0 * Kp, nb, g.D, Kp);
+          const acc_t* r = reinterpret_cast<const acc_t*>(a + n0 * g.K);
+          if (want_b && !in_place) {
+            gather_rows(a, ix, g, n0, nb, rows.mutable_data_ptr<acc_t>());
+            r = rows.const_data_ptr<acc_t>();
+          }
+          if (fused) {
+            if (blk == first) std::fill(part_c, part_c + g.K * g.D, acc_t(0));
+            fused_backward(gl, r, Bacc.const_data_ptr<acc_t>(), part_c, gr + n0 * g.K, nb, g.K, g.D);
+            continue;
+          }
+          const at::Tensor G_low = matrix(gl, nb, g.D, g.D);
+          if (want_a && own_tiles(g)) {
+            gemm_rows_bases(gl, Bt.const_data_ptr<acc_t>(), gr + n0 * g.K, nb, g.D, g.K);
+          } else if (want_a) {
+            at::Tensor gr_m = matrix(gr + n0 * g.K, nb, g.K, g.K);
+            at::mm_out(gr_m, G_low, Bacc.t());
+          }
           if (want_b) {
-            gather_rows(a, ix, g, n0, nb, rows.data());
-            gemm_rows_t_grad(rows.data(), gl, part + chunk * g.K * g.D, nb, g.K, g.D, blk == first);
+            const at::Tensor rows_t = matrix(r, nb, g.K, g.K).t();
+            if (blk == first) at::mm_out(P, rows_t, G_low);
+            else P.addmm_(rows_t, G_low);
           }
         }
       }
@@ -471,13 +591,13 @@ std::tuple<at::Tensor, at::Tensor> synthesize_backward_cpu(const at::Tensor& gra
     }
     if (want_a) {
       // Each row's gradient into its address row, in row order (repeats add up).
-      if (!ix && same) {
-        grad_addresses = Kp == g.K ? grad_rows : grad_rows.narrow(1, 0, g.K).contiguous();
+      if (in_place) {
+        grad_addresses = grad_rows;
       } else {
         std::vector<acc_t> ga(g.R * g.K, acc_t(0));
         for (int64_t n = 0; n < g.N; ++n) {
           acc_t* dst = ga.data() + (ix ? ix[n] : n) * g.K;
-          for (int64_t k = 0; k < g.K; ++k) dst[k] += gr[n * Kp + k];
+          for (int64_t k = 0; k < g.K; ++k) dst[k] += gr[n * g.K + k];
         }
         grad_addresses = at::empty({g.R, g.K}, A.options());
         scalar_t* gap = grad_addresses.mutable_data_ptr<scalar_t>();

@@ -448,11 +448,13 @@ def test_issue18_more_than_2_31_elements_cuda():
 
 
 # Several row blocks and backward chunks on the CPU (blocks hold about 64K
-# low-resolution values), at scales 1 (the GEMM writes the output) and 2;
-# below 16 bases grad_rows pads B^T to 8 or 16 columns (the digits job's
-# shape: 12 bases).
+# low-resolution values), at scales 1 (the GEMM writes the output) and 2: the
+# backward's BLAS GEMMs (the digits job's shape: 12 bases, short rows; 20
+# bases) and its fused pass for up to 16 bases on rows of 256 values or more
+# (rows not a multiple of the vector width, blocks not a multiple of 4 rows).
 BLOCKED = [(600, 6, 3, 8, 8, 2, "random"), (700, 5, 2, 9, 7, 1, "random"), (400, 3, 1, 5, 6, 3, None),
-           (740, 12, 1, 8, 8, 1, None)]
+           (740, 12, 1, 8, 8, 1, None), (300, 20, 1, 8, 8, 1, "random"), (517, 5, 1, 15, 19, 1, None),
+           (600, 16, 1, 16, 16, 1, "random"), (500, 4, 1, 16, 17, 2, None)]
 
 
 @pytest.mark.parametrize("case", [CASES[3], *BLOCKED])
@@ -461,7 +463,7 @@ def test_cpu_result_does_not_depend_on_thread_count(case):
     previous = torch.get_num_threads()
     try:
         results = []
-        for threads in (1, 2, 3):
+        for threads in (1, 2, 4):
             torch.set_num_threads(threads)
             results.append(values_and_grads(A, B, index, scale, results[0][3] if results else None))
     finally:
