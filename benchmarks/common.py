@@ -76,11 +76,18 @@ def fmt_bytes(n) -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's architecture and torch's thread count."""
+    """The GPU's name, or the CPU's model (speed ratios differ between CPU
+    models) and torch's thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
     threads = torch.get_num_threads()
-    return f"CPU {platform.machine()} ({threads} thread{'s' if threads > 1 else ''})"
+    return f"CPU {name} ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def at_least(minimum: int):

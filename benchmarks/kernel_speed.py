@@ -59,7 +59,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -72,6 +71,7 @@ try:
 except ImportError:  # run from a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import addrmem
+from common import device_name, fmt_time
 
 METHODS = ("addrmem", "eager", "compile")
 DTYPES = {
@@ -253,16 +253,6 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def fmt_time(t) -> str:
-    if t is None:
-        return "n/a"
-    if t < 1e-3:
-        return f"{t * 1e6:.1f} us"
-    if t < 1:
-        return f"{t * 1e3:.2f} ms"
-    return f"{t:.2f} s"
-
-
 def fmt_ratio(r) -> str:
     return "-" if r is None else f"{r:#.3g}x" if r < 100 else f"{r:.0f}x"
 
@@ -344,20 +334,6 @@ def bench_shape(shape: Shape, dtype, device, args, bandwidth: float) -> list[dic
         row["fwd_bwd_vs_floor"] = ratio(row["fwd_bwd_s"], floor[1])
         print_row(row)
     return rows
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
 
 
 def parse_args(argv):
